@@ -1,0 +1,138 @@
+"""Argument checks shared by every public entry point.
+
+Each helper raises ``TypeError`` for a wrong kind of object and ``ValueError`` for a
+wrong value, and the message always starts with the argument's name so that a user
+can tell at a glance which input to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+_REAL_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+
+
+def as_tensor(name: str, value: Any) -> torch.Tensor:
+    """Return ``value`` as a tensor; lists and tuples of numbers are accepted."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name}: expected a tensor or a list of numbers ({err})") from None
+    raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def require_tensor(name: str, value: Any) -> torch.Tensor:
+    """Accept only a tensor (no lists): used for token-level inputs."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_real(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _REAL_DTYPES:
+        raise TypeError(f"{name}: expected a real (bool, integer or floating) dtype, got {tensor.dtype}")
+
+
+def require_floating(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {tensor.dtype}")
+
+
+def require_integer(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype, got {tensor.dtype}")
+
+
+def require_ndim(name: str, tensor: torch.Tensor, ndim: int | Iterable[int], what: str) -> None:
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if tensor.dim() not in allowed:
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(tensor.shape)}")
+
+
+def require_same_shape(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.shape != ref.shape:
+        raise ValueError(
+            f"{name}: shape {tuple(tensor.shape)} does not match {ref_name} {tuple(ref.shape)}"
+        )
+
+
+def require_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"{name}: on {tensor.device}, but {ref_name} is on {ref.device}")
+
+
+def require_finite(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Raise when ``tensor`` holds NaN or inf (only where ``mask`` is true, if given)."""
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    if mask is not None:
+        bad = bad & mask
+    if bool(bad.any()):
+        where = torch.nonzero(bad)[:5].tolist()
+        raise ValueError(f"{name}: holds non-finite values (first positions {where})")
+
+
+def require_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def require_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check a finite real scalar inside ``[low, high]`` (open ends when asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        else:
+            raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+    return value
+
+
+def require_int(name: str, value: Any, *, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name}: must be >= {low}, got {value}")
+    return value
+
+
+def require_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value

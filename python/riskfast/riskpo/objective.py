@@ -1,0 +1,414 @@
+"""RiskPO advantages: bundles, member scores, quantiles, Mixed-VaR weights.
+
+Spec: ``riskpo.md`` sections 1-3 and 5. :func:`advantages` is the single public entry
+point; the formulas it applies live in :mod:`riskfast.riskpo.estimators`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .._checks import (
+    as_tensor,
+    require_bool,
+    require_choice,
+    require_finite,
+    require_int,
+    require_integer,
+    require_ndim,
+    require_number,
+    require_real,
+    require_same_device,
+)
+from .bundling import (
+    Bundling,
+    GroupLayout,
+    draw_bundling,
+    explicit_bundling,
+    gather_member_rewards,
+    group_layout,
+    question_bundling,
+)
+from .estimators import (
+    GROUP_EPS,
+    MEAN_ESTIMATORS,
+    RISK_ESTIMATORS,
+    RiskParams,
+    estimator_names,
+)
+from .quantiles import QuantileTracker, empirical_quantiles, unbiased_std
+
+FORMS = ("paper", "reference_code")
+CREDITS = ("uniform", "std")
+SCORES = ("sum", "mean")
+QUANTILE_MODES = ("empirical", "tracker")
+CREDIT_STD_FLOOR = 1e-3
+"""credit="std": a question whose reward std is below this divides by 1 instead."""
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    """Every option of :func:`advantages`, validated once (see its docstring)."""
+
+    estimator: str = "mvar"
+    bundle_size: int = 5
+    alpha: float = 0.2
+    beta: float = 0.8
+    omega: float = 0.5
+    form: str = "paper"
+    w_mix: float = 1.5
+    natural_baseline: bool = True
+    w_upper: float = 1.5
+    normalize: bool = True
+    center: bool = False
+    credit: str = "uniform"
+    score: str = "sum"
+    quantile: str = "empirical"
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        require_choice("estimator", self.estimator, estimator_names())
+        require_int("bundle_size", self.bundle_size, low=1)
+        alpha = require_number("alpha", self.alpha, low=0.0, high=1.0)
+        beta = require_number("beta", self.beta, low=0.0, high=1.0)
+        if alpha >= beta:
+            raise ValueError(f"alpha: must be smaller than beta ({beta}), got {alpha}")
+        require_number("omega", self.omega, low=-1.0, low_open=True)
+        require_choice("form", self.form, FORMS)
+        require_number("w_mix", self.w_mix, low=0.0)
+        require_bool("natural_baseline", self.natural_baseline)
+        require_number("w_upper", self.w_upper, low=0.0)
+        for name in ("normalize", "center", "shuffle", "drop_last"):
+            require_bool(name, getattr(self, name))
+        require_choice("credit", self.credit, CREDITS)
+        require_choice("score", self.score, SCORES)
+        require_choice("quantile", self.quantile, QUANTILE_MODES)
+        entry = RISK_ESTIMATORS.get(self.estimator)
+        if entry is not None and entry.check is not None:
+            entry.check(self.risk_params)
+
+    @property
+    def risk_params(self) -> RiskParams:
+        return RiskParams(
+            alpha=float(self.alpha),
+            beta=float(self.beta),
+            omega=float(self.omega),
+            form=self.form,
+            w_mix=float(self.w_mix),
+            natural_baseline=self.natural_baseline,
+            w_upper=float(self.w_upper),
+        )
+
+    def levels_tuple(self) -> tuple[float, float]:
+        return (float(self.alpha), float(self.beta))
+
+    @property
+    def is_risk(self) -> bool:
+        return self.estimator in RISK_ESTIMATORS
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class AdvantageResult:
+    """What :func:`advantages` returns.
+
+    Attributes:
+        advantages: ``[N]`` float32, aligned with the input responses.
+        bundle_ids: ``[N]`` int64 in ``0..nb-1``.
+        member_ids: ``[N]`` int64 in ``0..G-1``.
+        scores: ``[nb, G]`` float32; ``scores[bundle_ids[n], member_ids[n]]`` is the
+            score of response n's member.
+        quantiles: ``[nb, 2]`` float32, the ``(q_alpha, q_beta)`` used for each bundle.
+        metric_tensors: the metrics as 0-dim tensors (no host synchronisation).
+    """
+
+    advantages: torch.Tensor
+    bundle_ids: torch.Tensor
+    member_ids: torch.Tensor
+    scores: torch.Tensor
+    quantiles: torch.Tensor
+    metric_tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Metrics as Python floats (one host synchronisation)."""
+        names = list(self.metric_tensors)
+        values = torch.stack([self.metric_tensors[n].float() for n in names]).tolist()
+        return dict(zip(names, values))
+
+
+def _checked_inputs(rewards: Any, question_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = as_tensor("rewards", rewards)
+    require_real("rewards", rewards)
+    require_ndim("rewards", rewards, 1, "[N]")
+    if rewards.numel() == 0:
+        raise ValueError("rewards: is empty; advantages need at least one response")
+    require_finite("rewards", rewards)
+    question_ids = as_tensor("question_ids", question_ids)
+    require_integer("question_ids", question_ids)
+    require_ndim("question_ids", question_ids, 1, "[N]")
+    if question_ids.numel() != rewards.numel():
+        raise ValueError(
+            f"question_ids: has {question_ids.numel()} entries, rewards has {rewards.numel()}"
+        )
+    require_same_device("question_ids", question_ids, "rewards", rewards)
+    return rewards.detach().float(), question_ids.long()
+
+
+def advantages(
+    rewards: torch.Tensor,
+    question_ids: torch.Tensor,
+    *,
+    estimator: str = "mvar",
+    bundle_size: int = 5,
+    alpha: float = 0.2,
+    beta: float = 0.8,
+    omega: float = 0.5,
+    form: str = "paper",
+    w_mix: float = 1.5,
+    natural_baseline: bool = True,
+    w_upper: float = 1.5,
+    normalize: bool = True,
+    center: bool = False,
+    credit: str = "uniform",
+    score: str = "sum",
+    quantile: str = "empirical",
+    tracker: QuantileTracker | None = None,
+    update_tracker: bool = True,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    bundle_ids: torch.Tensor | None = None,
+    member_ids: torch.Tensor | None = None,
+) -> AdvantageResult:
+    """Advantage of every response under RiskPO (or a mean-based baseline).
+
+    Spec ``riskpo.md`` sections 1-3. Steps: group the responses by question; split the
+    questions into bundles of ``bundle_size`` and each bundle into G members; score
+    each member (sum of its rewards, or mean with ``score="mean"``); take the bundle's
+    quantiles ``q_alpha``, ``q_beta``; map each member score to an advantage with
+    ``estimator``; normalise by the bundle's score std; zero bundles whose scores are
+    all equal; optionally centre; hand each member's advantage to its responses.
+
+    Args:
+        rewards: ``[N]`` finite rewards, any real dtype (math in float32).
+        question_ids: ``[N]`` integers; every question must have the same count G.
+        estimator: ``"mvar"`` (Mixed-VaR, default), ``"rvar"``, ``"cvar"``, ``"upper"``
+            (risk family) or ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` (mean family, which
+            ignores bundles, normalisation, centring, credit and quantile options and
+            treats each question as its own bundle).
+        bundle_size: B, questions per bundle (``B = 1``: per-question RiskPO).
+        alpha, beta: quantile levels, ``0 <= alpha < beta <= 1``.
+        omega: lower-tail weight of the paper's Mixed-VaR, ``> -1``.
+        form: ``"paper"`` (default) or ``"reference_code"`` (uses ``w_mix`` and
+            ``natural_baseline``; needs ``alpha > 0``).
+        w_upper: upper-tail weight of ``estimator="upper"`` (needs ``beta < 1``).
+        normalize: divide by ``std(S_1..S_G) + 1e-6`` (unbiased) per bundle.
+        center: subtract each bundle's mean advantage afterwards.
+        credit: ``"uniform"``, or ``"std"`` to divide by the question's reward std
+            (1 when below 1e-3).
+        score: ``"sum"`` or ``"mean"`` of a member's rewards.
+        quantile: ``"empirical"`` per bundle, or ``"tracker"`` (needs ``tracker``).
+        tracker: a :class:`QuantileTracker` with the same levels; its current values
+            are used, then it is updated with this step's scores (``update_tracker``).
+        generator: source of the random bundling (``shuffle=True``).
+        shuffle: random bundles and members (default), or consecutive questions and
+            member j = j-th response (the reference code's rule).
+        drop_last: give the responses of a last, smaller bundle advantage 0.
+        bundle_ids, member_ids: an explicit bundling (``[N]`` each), overriding both.
+
+    Returns:
+        An :class:`AdvantageResult`. Deterministic for a given generator state.
+    """
+    options = AdvantageOptions(
+        estimator=estimator,
+        bundle_size=bundle_size,
+        alpha=alpha,
+        beta=beta,
+        omega=omega,
+        form=form,
+        w_mix=w_mix,
+        natural_baseline=natural_baseline,
+        w_upper=w_upper,
+        normalize=normalize,
+        center=center,
+        credit=credit,
+        score=score,
+        quantile=quantile,
+        shuffle=shuffle,
+        drop_last=drop_last,
+    )
+    return compute_advantages(
+        rewards,
+        question_ids,
+        options,
+        tracker=tracker,
+        update_tracker=update_tracker,
+        generator=generator,
+        bundle_ids=bundle_ids,
+        member_ids=member_ids,
+    )
+
+
+def compute_advantages(
+    rewards: Any,
+    question_ids: Any,
+    options: AdvantageOptions,
+    *,
+    tracker: QuantileTracker | None = None,
+    update_tracker: bool = True,
+    generator: torch.Generator | None = None,
+    bundle_ids: Any = None,
+    member_ids: Any = None,
+) -> AdvantageResult:
+    """:func:`advantages` with its options already gathered in an :class:`AdvantageOptions`."""
+    if not isinstance(options, AdvantageOptions):
+        raise TypeError(f"options: expected AdvantageOptions, got {type(options).__name__}")
+    rewards, question_ids = _checked_inputs(rewards, question_ids)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    require_bool("update_tracker", update_tracker)
+    if (bundle_ids is None) != (member_ids is None):
+        missing = "member_ids" if member_ids is None else "bundle_ids"
+        raise ValueError(f"{missing}: bundle_ids and member_ids must be given together")
+    if options.is_risk and options.quantile == "tracker":
+        if not isinstance(tracker, QuantileTracker):
+            raise ValueError(
+                "tracker: quantile='tracker' needs a QuantileTracker kept across steps"
+            )
+        if tracker.levels != (float(options.alpha), float(options.beta)):
+            raise ValueError(
+                f"tracker: its levels {tracker.levels} differ from (alpha, beta) = "
+                f"({options.alpha}, {options.beta})"
+            )
+
+    layout = group_layout(question_ids)
+    if not options.is_risk:
+        return _mean_family(rewards, layout, options)
+
+    explicit = bundle_ids is not None
+    if explicit:
+        bundling = explicit_bundling(layout, bundle_ids, member_ids, rewards)
+    else:
+        bundling = draw_bundling(
+            layout, options.bundle_size, shuffle=options.shuffle, generator=generator
+        )
+    table = gather_member_rewards(rewards, layout, bundling)
+    scores = table.sum(dim=1)
+    if options.score == "mean":
+        scores = scores / bundling.bundle_num_questions[:, None].to(scores.dtype)
+
+    kept = torch.ones(bundling.num_bundles, dtype=torch.bool, device=scores.device)
+    if options.drop_last and not explicit and layout.num_questions % options.bundle_size:
+        # draw_bundling numbers bundles by slot, so the smaller one is always the last.
+        kept[-1] = False
+
+    if options.quantile == "tracker":
+        assert tracker is not None
+        if not tracker.initialized:
+            tracker.initialize(scores[kept])
+        assert tracker.values is not None
+        used = tracker.values.to(scores.device)[None, :].expand(bundling.num_bundles, 2)
+        quantiles = used.clone()
+    else:
+        quantiles = empirical_quantiles(scores, options.levels_tuple())
+
+    member_advantages = risk_member_advantages(scores, quantiles, options)
+    member_advantages = member_advantages * kept[:, None]
+    if options.quantile == "tracker" and update_tracker:
+        assert tracker is not None
+        tracker.update(scores[kept])
+
+    response_advantages = member_advantages[
+        bundling.question_bundle[:, None], bundling.member_of_position
+    ]  # [Q, G] by question and position
+    if options.credit == "std":
+        response_advantages = response_advantages / _credit_scale(
+            rewards[layout.response_index]
+        )
+    return _result(
+        rewards, layout, bundling, response_advantages, scores, quantiles, member_advantages, ~kept
+    )
+
+
+def risk_member_advantages(
+    scores: torch.Tensor, quantiles: torch.Tensor, options: AdvantageOptions
+) -> torch.Tensor:
+    """Member advantages ``[nb, G]`` from member scores ``[nb, G]`` and quantiles ``[nb, 2]``.
+
+    Applies the estimator (spec section 3), the per-bundle normalisation, the rule that a
+    bundle whose scores are all equal (G = 1 included) gets exactly 0, and centring.
+    """
+    entry = RISK_ESTIMATORS[options.estimator]
+    a = quantiles[:, 0:1]
+    b = quantiles[:, 1:2]
+    values = entry.fn(scores, a, b, options.risk_params)
+    if options.normalize:
+        values = values / (unbiased_std(scores, dim=1)[:, None] + GROUP_EPS)
+    flat = scores.amax(dim=1) == scores.amin(dim=1)
+    values = torch.where(flat[:, None], torch.zeros_like(values), values)
+    if options.center:
+        values = values - values.mean(dim=1, keepdim=True)
+    return values
+
+
+def _credit_scale(question_rewards: torch.Tensor) -> torch.Tensor:
+    """``[Q, 1]`` divisor of credit="std": the question's reward std, 1 when tiny."""
+    std = unbiased_std(question_rewards, dim=1)[:, None]
+    return torch.where(std < CREDIT_STD_FLOOR, torch.ones_like(std), std)
+
+
+def _mean_family(
+    rewards: torch.Tensor, layout: GroupLayout, options: AdvantageOptions
+) -> AdvantageResult:
+    question_rewards = rewards[layout.response_index]  # [Q, G]
+    values = MEAN_ESTIMATORS[options.estimator](question_rewards)
+    flat = question_rewards.amax(dim=1) == question_rewards.amin(dim=1)
+    values = torch.where(flat[:, None], torch.zeros_like(values), values)
+    bundling = question_bundling(layout)
+    quantiles = empirical_quantiles(question_rewards, options.levels_tuple())
+    dropped = torch.zeros(layout.num_questions, dtype=torch.bool, device=rewards.device)
+    return _result(rewards, layout, bundling, values, question_rewards, quantiles, values, dropped)
+
+
+def _result(
+    rewards: torch.Tensor,
+    layout: GroupLayout,
+    bundling: Bundling,
+    response_advantages: torch.Tensor,
+    scores: torch.Tensor,
+    quantiles: torch.Tensor,
+    member_advantages: torch.Tensor,
+    dropped: torch.Tensor,
+) -> AdvantageResult:
+    """Scatter ``[Q, G]`` advantages back to input order and gather the metrics."""
+    flat = torch.empty_like(rewards)
+    flat[layout.response_index] = response_advantages
+    dropped_responses = (dropped.float() * bundling.bundle_num_questions).sum() * layout.group_size
+    metrics = {
+        "advantage_mean": flat.mean(),
+        "advantage_std": flat.std(correction=0),
+        "score_mean": scores.mean(),
+        "quantile_alpha": quantiles[:, 0].mean(),
+        "quantile_beta": quantiles[:, 1].mean(),
+        "zero_advantage_bundle_frac": (member_advantages == 0).all(dim=1).float().mean(),
+        "num_bundles": torch.tensor(float(bundling.num_bundles)),
+        "num_questions": torch.tensor(float(layout.num_questions)),
+        "group_size": torch.tensor(float(layout.group_size)),
+        "dropped_response_frac": dropped_responses / rewards.numel(),
+    }
+    return AdvantageResult(
+        advantages=flat,
+        bundle_ids=bundling.response_bundle_ids(layout),
+        member_ids=bundling.response_member_ids(layout),
+        scores=scores,
+        quantiles=quantiles,
+        metric_tensors={k: v.to(flat.device) for k, v in metrics.items()},
+    )
