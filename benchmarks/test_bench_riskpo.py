@@ -1,0 +1,84 @@
+"""pytest-benchmark suite: RiskPO advantages and policy loss, vectorised vs per-group.
+
+Run: ``.venv/bin/python -m pytest benchmarks/test_bench_riskpo.py --benchmark-only``.
+Shapes follow ``spec/kernels.md``: N = 512 x 16 responses with B = 5; policy loss at
+8k and 64k response tokens (sequence ratio, token-mean).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from per_group_baseline import per_group_advantages, per_sequence_policy_loss
+
+from riskfast.riskpo import advantages, policy_loss
+
+QUESTIONS, GROUP = 512, 16
+TOKEN_SHAPES = {"8k": (64, 128), "64k": (512, 128)}
+
+
+@pytest.fixture(scope="module")
+def rollout() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(QUESTIONS * GROUP, generator=gen) < 0.4).float()
+    question_ids = torch.arange(QUESTIONS).repeat_interleave(GROUP)
+    return rewards, question_ids
+
+
+def _tokens(shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    n, t = shape
+    logp = (-torch.rand(n, t, generator=gen) * 3).requires_grad_(True)
+    old = logp.detach() + 0.05 * torch.randn(n, t, generator=gen)
+    adv = torch.randn(n, generator=gen)
+    lengths = torch.randint(t // 4, t + 1, (n,), generator=gen)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    return logp, old, adv, mask
+
+
+@pytest.mark.benchmark(group="advantages N=512x16 B=5")
+def test_advantages_vectorised(benchmark, rollout) -> None:
+    rewards, question_ids = rollout
+    gen = torch.Generator()
+    result = benchmark(
+        lambda: advantages(rewards, question_ids, bundle_size=5, generator=gen.manual_seed(0))
+    )
+    assert result.advantages.shape == rewards.shape
+
+
+@pytest.mark.benchmark(group="advantages N=512x16 B=5")
+def test_advantages_per_group_baseline(benchmark, rollout) -> None:
+    rewards, question_ids = rollout
+    gen = torch.Generator()
+    out = benchmark(
+        lambda: per_group_advantages(rewards, question_ids, 5, generator=gen.manual_seed(0))
+    )
+    assert out.shape == rewards.shape
+
+
+@pytest.mark.parametrize("size", list(TOKEN_SHAPES))
+def test_policy_loss_vectorised(benchmark, size: str) -> None:
+    benchmark.group = f"policy_loss fwd+bwd {size} tokens"
+    logp, old, adv, mask = _tokens(TOKEN_SHAPES[size])
+
+    def step() -> torch.Tensor:
+        logp.grad = None
+        loss, _ = policy_loss(logp, old, adv, mask)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(benchmark(step))
+
+
+@pytest.mark.parametrize("size", list(TOKEN_SHAPES))
+def test_policy_loss_per_sequence_baseline(benchmark, size: str) -> None:
+    benchmark.group = f"policy_loss fwd+bwd {size} tokens"
+    logp, old, adv, mask = _tokens(TOKEN_SHAPES[size])
+
+    def step() -> torch.Tensor:
+        logp.grad = None
+        loss = per_sequence_policy_loss(logp, old, adv, mask)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(benchmark(step))
