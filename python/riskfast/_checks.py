@@ -48,7 +48,9 @@ def require_tensor(name: str, value: Any) -> torch.Tensor:
 
 def require_real(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in _REAL_DTYPES:
-        raise TypeError(f"{name}: expected a real (bool, integer or floating) dtype, got {tensor.dtype}")
+        raise TypeError(
+            f"{name}: expected a real (bool, integer or floating) dtype, got {tensor.dtype}"
+        )
 
 
 def require_floating(name: str, tensor: torch.Tensor) -> None:

@@ -48,12 +48,18 @@ def _add_explain(commands: argparse._SubParsersAction, name: str) -> None:
         name, help="GRPO vs RiskPO advantages and loss on a synthetic rollout batch"
     )
     demo.add_argument("--questions", type=int, default=8, help="questions in the batch (default 8)")
-    demo.add_argument("--group-size", type=int, default=8, help="responses per question, G (default 8)")
-    demo.add_argument("--bundle-size", type=int, default=4, help="questions per bundle, B (default 4)")
+    demo.add_argument(
+        "--group-size", type=int, default=8, help="responses per question, G (default 8)"
+    )
+    demo.add_argument(
+        "--bundle-size", type=int, default=4, help="questions per bundle, B (default 4)"
+    )
     demo.add_argument("--alpha", type=float, default=0.2, help="lower quantile level (default 0.2)")
     demo.add_argument("--beta", type=float, default=0.8, help="upper quantile level (default 0.8)")
     demo.add_argument("--omega", type=float, default=0.5, help="lower-tail weight (default 0.5)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of rewards and bundling (default 0)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of rewards and bundling (default 0)"
+    )
     demo.add_argument("--json", action="store_true", help="print the numbers as JSON")
     demo.set_defaults(run=_demo)
 

@@ -53,7 +53,9 @@ def _fmt(x: float) -> str:
     return f"{x + 0.0:+.2f}"
 
 
-def _per_question(result: AdvantageResult, rollout: SyntheticRollout, q: int) -> tuple[str, str, float]:
+def _per_question(
+    result: AdvantageResult, rollout: SyntheticRollout, q: int
+) -> tuple[str, str, float]:
     """Mean advantage of the correct and of the wrong answers of question q, and its |A| mass."""
     sel = rollout.question_ids == q
     adv = result.advantages[sel]
@@ -98,7 +100,10 @@ def run_synthetic_demo(
     }
     names = list(methods)
     report: dict[str, object] = {
-        "questions": [], "bundles": [], "losses": {}, "wrong_answer_share": {},
+        "questions": [],
+        "bundles": [],
+        "losses": {},
+        "wrong_answer_share": {},
         "questions_with_signal": {},
     }
 
@@ -173,8 +178,15 @@ def run_synthetic_demo(
             + "\n   A_j : "
             + " ".join(f"{_fmt(a):>5}" for a in member_adv.tolist())
         )
-        bundles.append({"questions": qs, "scores": scores, "q_alpha": qa, "q_beta": qb,
-                        "advantages": [a + 0.0 for a in member_adv.tolist()]})
+        bundles.append(
+            {
+                "questions": qs,
+                "scores": scores,
+                "q_alpha": qa,
+                "q_beta": qb,
+                "advantages": [a + 0.0 for a in member_adv.tolist()],
+            }
+        )
     report["bundles"] = bundles
 
     lines += ["", "Policy loss on the same log-probs (old = current, so every ratio is 1):"]

@@ -98,9 +98,7 @@ def group_layout(question_ids: torch.Tensor) -> GroupLayout:
         uniques, first_counts = torch.unique(question_ids, return_counts=True)
         common = int(torch.mode(first_counts).values)
         odd = (first_counts != common).nonzero().flatten()[:10].tolist()
-        details = ", ".join(
-            f"question {int(uniques[i])} has {int(first_counts[i])}" for i in odd
-        )
+        details = ", ".join(f"question {int(uniques[i])} has {int(first_counts[i])}" for i in odd)
         raise ValueError(
             "question_ids: every question needs the same number of responses "
             f"(most have {common}); {details}"
@@ -207,17 +205,32 @@ def explicit_bundling(
     return _bundling_from_question_bundle(question_bundle, members)
 
 
-def gather_member_rewards(
-    rewards: torch.Tensor, layout: GroupLayout, bundling: Bundling
-) -> torch.Tensor:
-    """Rewards laid out by bundle, question slot and member: ``[nb, B_max, G]``.
+def member_response_table(layout: GroupLayout, bundling: Bundling) -> torch.Tensor:
+    """Flat response index held by each member for each question slot: ``[nb, B_max, G]``.
 
-    Slots of a bundle with fewer than ``B_max`` questions hold zeros. The layout makes
-    the member-score sum a plain, deterministic reduction over dimension 1.
+    ``table[b, k, j]`` is the response that member ``j`` of bundle ``b`` holds for the
+    bundle's ``k``-th question; slots beyond a smaller bundle's question count hold -1.
+    This is the layout the bundle-advantages kernel reads.
     """
     q, g = layout.num_questions, layout.group_size
-    table = rewards.new_zeros(bundling.num_bundles, bundling.max_bundle_questions, g)
+    table = torch.full(
+        (bundling.num_bundles, bundling.max_bundle_questions, g),
+        -1,
+        dtype=torch.long,
+        device=layout.response_index.device,
+    )
     rows = bundling.question_bundle[:, None].expand(q, g)
     slots = bundling.question_slot[:, None].expand(q, g)
-    table[rows, slots, bundling.member_of_position] = rewards[layout.response_index]
+    table[rows, slots, bundling.member_of_position] = layout.response_index
     return table
+
+
+def gather_member_rewards(rewards: torch.Tensor, member_response: torch.Tensor) -> torch.Tensor:
+    """Rewards laid out as :func:`member_response_table`: ``[nb, B_max, G]``, 0 in empty slots.
+
+    The layout makes the member-score sum a plain, deterministic reduction over dim 1.
+    """
+    present = member_response >= 0
+    return torch.where(
+        present, rewards[member_response.clamp_min(0)], torch.zeros_like(rewards[:1])
+    )

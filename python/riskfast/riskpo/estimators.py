@@ -112,7 +112,9 @@ def range_var_advantage(
 ) -> torch.Tensor:
     """``A_rv = ((z - a)+ - (z - b)+ + c (a - b)) / (beta - alpha)``, ``c = 1`` with the natural baseline."""
     c = 1.0 if params.natural_baseline else 0.0
-    return (positive_part(z - a) - positive_part(z - b) + c * (a - b)) / (params.beta - params.alpha)
+    return (positive_part(z - a) - positive_part(z - b) + c * (a - b)) / (
+        params.beta - params.alpha
+    )
 
 
 def lower_tail_advantage(z: torch.Tensor, a: torch.Tensor, params: RiskParams) -> torch.Tensor:

@@ -59,7 +59,9 @@ def log_ratios(
     if ratio_level == "token":
         return torch.clamp(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     lengths = mask.sum(dim=1, keepdim=True).clamp_min(1).to(diff.dtype)
-    per_sequence = torch.clamp(diff.sum(dim=1, keepdim=True) / lengths, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    per_sequence = torch.clamp(
+        diff.sum(dim=1, keepdim=True) / lengths, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+    )
     return torch.where(mask, per_sequence.expand_as(diff), torch.zeros_like(diff))
 
 
@@ -249,7 +251,9 @@ def policy_loss(
             return torch.where(mask, x, torch.zeros_like(x)).sum() / tokens
 
         token_log_ratio = torch.clamp(
-            torch.where(mask, logp - old_logp, torch.zeros_like(logp)), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+            torch.where(mask, logp - old_logp, torch.zeros_like(logp)),
+            -LOG_RATIO_CLAMP,
+            LOG_RATIO_CLAMP,
         )
         named = {
             "loss": loss.detach(),

@@ -23,6 +23,12 @@ from .._checks import (
     require_real,
     require_same_device,
 )
+from ..ops.bundle_advantages import (
+    BUILTIN_ESTIMATORS,
+    MAX_KERNEL_MEMBERS,
+    bundle_advantages,
+    triton_available,
+)
 from .bundling import (
     Bundling,
     GroupLayout,
@@ -30,6 +36,7 @@ from .bundling import (
     explicit_bundling,
     gather_member_rewards,
     group_layout,
+    member_response_table,
     question_bundling,
 )
 from .estimators import (
@@ -45,6 +52,7 @@ FORMS = ("paper", "reference_code")
 CREDITS = ("uniform", "std")
 SCORES = ("sum", "mean")
 QUANTILE_MODES = ("empirical", "tracker")
+BACKENDS = ("auto", "torch", "triton")
 CREDIT_STD_FLOOR = 1e-3
 """credit="std": a question whose reward std is below this divides by 1 instead."""
 
@@ -159,7 +167,10 @@ def _checked_inputs(rewards: Any, question_ids: Any) -> tuple[torch.Tensor, torc
             f"question_ids: has {question_ids.numel()} entries, rewards has {rewards.numel()}"
         )
     require_same_device("question_ids", question_ids, "rewards", rewards)
-    return rewards.detach().float(), question_ids.long()
+    as_float32 = rewards.detach().float()
+    if not bool(torch.isfinite(as_float32).all()):
+        raise ValueError("rewards: values beyond the float32 range (about 3.4e38); rescale them")
+    return as_float32, question_ids.long()
 
 
 def advantages(
@@ -187,6 +198,7 @@ def advantages(
     drop_last: bool = False,
     bundle_ids: torch.Tensor | None = None,
     member_ids: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> AdvantageResult:
     """Advantage of every response under RiskPO (or a mean-based baseline).
 
@@ -223,6 +235,9 @@ def advantages(
             member j = j-th response (the reference code's rule).
         drop_last: give the responses of a last, smaller bundle advantage 0.
         bundle_ids, member_ids: an explicit bundling (``[N]`` each), overriding both.
+        backend: ``"auto"`` (the Triton kernel on CUDA for built-in estimators and
+            G <= 64, PyTorch otherwise), ``"torch"``, or ``"triton"`` (forced; on a CPU
+            it needs ``TRITON_INTERPRET=1``).
 
     Returns:
         An :class:`AdvantageResult`. Deterministic for a given generator state.
@@ -254,6 +269,7 @@ def advantages(
         generator=generator,
         bundle_ids=bundle_ids,
         member_ids=member_ids,
+        backend=backend,
     )
 
 
@@ -267,6 +283,7 @@ def compute_advantages(
     generator: torch.Generator | None = None,
     bundle_ids: Any = None,
     member_ids: Any = None,
+    backend: str = "auto",
 ) -> AdvantageResult:
     """:func:`advantages` with its options already gathered in an :class:`AdvantageOptions`."""
     if not isinstance(options, AdvantageOptions):
@@ -289,53 +306,128 @@ def compute_advantages(
                 f"({options.alpha}, {options.beta})"
             )
 
+    require_choice("backend", backend, BACKENDS)
+
     layout = group_layout(question_ids)
     if not options.is_risk:
-        return _mean_family(rewards, layout, options)
-
-    explicit = bundle_ids is not None
-    if explicit:
+        bundling = question_bundling(layout)
+    elif bundle_ids is not None:
         bundling = explicit_bundling(layout, bundle_ids, member_ids, rewards)
     else:
         bundling = draw_bundling(
             layout, options.bundle_size, shuffle=options.shuffle, generator=generator
         )
-    table = gather_member_rewards(rewards, layout, bundling)
-    scores = table.sum(dim=1)
-    if options.score == "mean":
-        scores = scores / bundling.bundle_num_questions[:, None].to(scores.dtype)
-
-    kept = torch.ones(bundling.num_bundles, dtype=torch.bool, device=scores.device)
-    if options.drop_last and not explicit and layout.num_questions % options.bundle_size:
+    kept = torch.ones(bundling.num_bundles, dtype=torch.bool, device=rewards.device)
+    smaller_last = options.is_risk and layout.num_questions % options.bundle_size != 0
+    if smaller_last and bundle_ids is None and options.drop_last:
         # draw_bundling numbers bundles by slot, so the smaller one is always the last.
         kept[-1] = False
+    member_response = member_response_table(layout, bundling)
 
-    if options.quantile == "tracker":
+    use_triton = _use_triton(backend, rewards, layout, options)
+    use_tracker = options.is_risk and options.quantile == "tracker"
+    tracked = None
+    if use_tracker:
         assert tracker is not None
         if not tracker.initialized:
-            tracker.initialize(scores[kept])
+            # Initialise from the scores of the path that will use them, so that a score
+            # equal to the initial quantile compares equal (no one-ulp disagreement).
+            first_scores = (
+                _kernel_path(rewards, member_response, kept, None, options)[0]
+                if use_triton
+                else _member_scores(rewards, member_response, bundling, options)
+            )
+            tracker.initialize(first_scores[kept])
         assert tracker.values is not None
-        used = tracker.values.to(scores.device)[None, :].expand(bundling.num_bundles, 2)
-        quantiles = used.clone()
-    else:
-        quantiles = empirical_quantiles(scores, options.levels_tuple())
+        tracked = tracker.values.to(rewards.device)
 
-    member_advantages = risk_member_advantages(scores, quantiles, options)
-    member_advantages = member_advantages * kept[:, None]
-    if options.quantile == "tracker" and update_tracker:
+    if use_triton:
+        scores, quantiles, member_advantages, flat = _kernel_path(
+            rewards, member_response, kept, tracked, options
+        )
+    else:
+        scores = _member_scores(rewards, member_response, bundling, options)
+        if not options.is_risk:
+            quantiles = empirical_quantiles(scores, options.levels_tuple())
+            member_advantages = mean_member_advantages(scores, options)
+        else:
+            if tracked is not None:
+                quantiles = tracked[None, :].expand(bundling.num_bundles, 2).clone()
+            else:
+                quantiles = empirical_quantiles(scores, options.levels_tuple())
+            member_advantages = risk_member_advantages(scores, quantiles, options)
+            member_advantages = member_advantages * kept[:, None]
+        flat = _to_responses(rewards, member_response, member_advantages, options)
+
+    if use_tracker and update_tracker:
         assert tracker is not None
         tracker.update(scores[kept])
+    return _result(rewards, layout, bundling, flat, scores, quantiles, member_advantages, ~kept)
 
-    response_advantages = member_advantages[
-        bundling.question_bundle[:, None], bundling.member_of_position
-    ]  # [Q, G] by question and position
-    if options.credit == "std":
-        response_advantages = response_advantages / _credit_scale(
-            rewards[layout.response_index]
-        )
-    return _result(
-        rewards, layout, bundling, response_advantages, scores, quantiles, member_advantages, ~kept
+
+def _kernel_path(
+    rewards: torch.Tensor,
+    member_response: torch.Tensor,
+    kept: torch.Tensor,
+    tracked: torch.Tensor | None,
+    options: AdvantageOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores, quantiles, member and response advantages from the Triton kernel."""
+    scores, quantiles, member_advantages, flat = bundle_advantages(
+        rewards,
+        member_response,
+        kept,
+        tracked,
+        estimator=options.estimator,
+        form=options.form,
+        alpha=float(options.alpha),
+        beta=float(options.beta),
+        omega=float(options.omega),
+        w_mix=float(options.w_mix),
+        natural_baseline=options.natural_baseline,
+        w_upper=float(options.w_upper),
+        score_mean=options.is_risk and options.score == "mean",
+        normalize=options.normalize,
+        center=options.center,
+        credit_std=options.is_risk and options.credit == "std",
     )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
+    return scores, quantiles, member_advantages, flat
+
+
+def _use_triton(
+    backend: str, rewards: torch.Tensor, layout: GroupLayout, options: AdvantageOptions
+) -> bool:
+    """Kernel on CUDA for the built-in estimators and G <= 64; ``backend`` forces a path."""
+    builtin = options.estimator in BUILTIN_ESTIMATORS
+    fits = layout.group_size <= MAX_KERNEL_MEMBERS
+    if backend == "triton":
+        if not builtin:
+            raise ValueError(
+                f"backend: the kernel knows the built-in estimators only, not {options.estimator!r}"
+            )
+        if not fits:
+            raise ValueError(
+                f"backend: the kernel handles G <= {MAX_KERNEL_MEMBERS}, got G = {layout.group_size}"
+            )
+        return True
+    return backend == "auto" and rewards.is_cuda and builtin and fits and triton_available()
+
+
+def _member_scores(
+    rewards: torch.Tensor,
+    member_response: torch.Tensor,
+    bundling: Bundling,
+    options: AdvantageOptions,
+) -> torch.Tensor:
+    """Member scores ``S_j`` ``[nb, G]``: sum (or mean) of each member's rewards (spec 1)."""
+    scores = gather_member_rewards(rewards, member_response).sum(dim=1)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
+    if options.is_risk and options.score == "mean":
+        scores = scores / bundling.bundle_num_questions[:, None].to(scores.dtype)
+    return scores
 
 
 def risk_member_advantages(
@@ -352,45 +444,64 @@ def risk_member_advantages(
     values = entry.fn(scores, a, b, options.risk_params)
     if options.normalize:
         values = values / (unbiased_std(scores, dim=1)[:, None] + GROUP_EPS)
-    flat = scores.amax(dim=1) == scores.amin(dim=1)
-    values = torch.where(flat[:, None], torch.zeros_like(values), values)
+    values = _zero_if_all_equal(scores, values)
     if options.center:
         values = values - values.mean(dim=1, keepdim=True)
     return values
 
 
+def mean_member_advantages(rewards: torch.Tensor, options: AdvantageOptions) -> torch.Tensor:
+    """Mean-family advantages ``[Q, G]`` of each question's rewards ``[Q, G]``."""
+    values = MEAN_ESTIMATORS[options.estimator](rewards)
+    return _zero_if_all_equal(rewards, values)
+
+
+def _zero_if_all_equal(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 on rows whose scores are all equal (G = 1 included), whatever rounding did."""
+    flat = scores.amax(dim=1) == scores.amin(dim=1)
+    return torch.where(flat[:, None], torch.zeros_like(values), values)
+
+
 def _credit_scale(question_rewards: torch.Tensor) -> torch.Tensor:
-    """``[Q, 1]`` divisor of credit="std": the question's reward std, 1 when tiny."""
+    """``[M, 1]`` divisor of credit="std": each row's unbiased std, 1 when below 1e-3."""
     std = unbiased_std(question_rewards, dim=1)[:, None]
     return torch.where(std < CREDIT_STD_FLOOR, torch.ones_like(std), std)
 
 
-def _mean_family(
-    rewards: torch.Tensor, layout: GroupLayout, options: AdvantageOptions
-) -> AdvantageResult:
-    question_rewards = rewards[layout.response_index]  # [Q, G]
-    values = MEAN_ESTIMATORS[options.estimator](question_rewards)
-    flat = question_rewards.amax(dim=1) == question_rewards.amin(dim=1)
-    values = torch.where(flat[:, None], torch.zeros_like(values), values)
-    bundling = question_bundling(layout)
-    quantiles = empirical_quantiles(question_rewards, options.levels_tuple())
-    dropped = torch.zeros(layout.num_questions, dtype=torch.bool, device=rewards.device)
-    return _result(rewards, layout, bundling, values, question_rewards, quantiles, values, dropped)
+def _to_responses(
+    rewards: torch.Tensor,
+    member_response: torch.Tensor,
+    member_advantages: torch.Tensor,
+    options: AdvantageOptions,
+) -> torch.Tensor:
+    """Hand each member's advantage to its responses: ``[N]`` in input order.
+
+    With ``credit="std"`` each response's value is divided by its question's reward std.
+    Empty slots scatter into a spare last element, which is dropped.
+    """
+    n = rewards.numel()
+    values = member_advantages[:, None, :].expand(member_response.shape)
+    if options.is_risk and options.credit == "std":
+        question_rewards = gather_member_rewards(rewards, member_response)
+        nb, k, g = question_rewards.shape
+        values = values / _credit_scale(question_rewards.reshape(nb * k, g)).view(nb, k, 1)
+    target = torch.where(member_response >= 0, member_response, n)
+    out = rewards.new_zeros(n + 1)
+    out[target.flatten()] = values.flatten()
+    return out[:n]
 
 
 def _result(
     rewards: torch.Tensor,
     layout: GroupLayout,
     bundling: Bundling,
-    response_advantages: torch.Tensor,
+    flat: torch.Tensor,
     scores: torch.Tensor,
     quantiles: torch.Tensor,
     member_advantages: torch.Tensor,
     dropped: torch.Tensor,
 ) -> AdvantageResult:
-    """Scatter ``[Q, G]`` advantages back to input order and gather the metrics."""
-    flat = torch.empty_like(rewards)
-    flat[layout.response_index] = response_advantages
+    """Assemble the result and its metrics (0-dim tensors: no host synchronisation)."""
     dropped_responses = (dropped.float() * bundling.bundle_num_questions).sum() * layout.group_size
     metrics = {
         "advantage_mean": flat.mean(),

@@ -166,7 +166,9 @@ class QuantileTracker:
             )
         self.gamma = float(state["gamma"])
         values = state["values"]
-        self.values = None if values is None else torch.as_tensor(values, dtype=torch.float32).clone()
+        self.values = (
+            None if values is None else torch.as_tensor(values, dtype=torch.float32).clone()
+        )
         self.num_updates = int(state["num_updates"])
 
     def __repr__(self) -> str:
