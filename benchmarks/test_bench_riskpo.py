@@ -1,7 +1,7 @@
 """pytest-benchmark suite: RiskPO advantages and policy loss, vectorised vs per-group.
 
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_riskpo.py --benchmark-only``.
-Shapes follow ``spec/kernels.md``: N = 512 x 16 responses with B = 5; policy loss at
+Shapes follow ``spec/kernels.md``: N = 512 x 16 and 4,096 x 16 responses with B = 5; policy loss at
 8k and 64k response tokens (sequence ratio, token-mean).
 """
 
@@ -13,15 +13,17 @@ from per_group_baseline import per_group_advantages, per_sequence_policy_loss
 
 from riskfast.riskpo import advantages, policy_loss
 
-QUESTIONS, GROUP = 512, 16
+GROUP = 16
+QUESTION_COUNTS = (512, 4096)
 TOKEN_SHAPES = {"8k": (64, 128), "64k": (512, 128)}
 
 
-@pytest.fixture(scope="module")
-def rollout() -> tuple[torch.Tensor, torch.Tensor]:
+@pytest.fixture(scope="module", params=QUESTION_COUNTS, ids=lambda q: f"{q}x{GROUP}")
+def rollout(request) -> tuple[torch.Tensor, torch.Tensor]:
+    questions = request.param
     gen = torch.Generator().manual_seed(0)
-    rewards = (torch.rand(QUESTIONS * GROUP, generator=gen) < 0.4).float()
-    question_ids = torch.arange(QUESTIONS).repeat_interleave(GROUP)
+    rewards = (torch.rand(questions * GROUP, generator=gen) < 0.4).float()
+    question_ids = torch.arange(questions).repeat_interleave(GROUP)
     return rewards, question_ids
 
 
@@ -36,9 +38,9 @@ def _tokens(shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     return logp, old, adv, mask
 
 
-@pytest.mark.benchmark(group="advantages N=512x16 B=5")
 def test_advantages_vectorised(benchmark, rollout) -> None:
     rewards, question_ids = rollout
+    benchmark.group = f"advantages N={rewards.numel() // GROUP}x{GROUP} B=5"
     gen = torch.Generator()
     result = benchmark(
         lambda: advantages(rewards, question_ids, bundle_size=5, generator=gen.manual_seed(0))
@@ -46,9 +48,9 @@ def test_advantages_vectorised(benchmark, rollout) -> None:
     assert result.advantages.shape == rewards.shape
 
 
-@pytest.mark.benchmark(group="advantages N=512x16 B=5")
 def test_advantages_per_group_baseline(benchmark, rollout) -> None:
     rewards, question_ids = rollout
+    benchmark.group = f"advantages N={rewards.numel() // GROUP}x{GROUP} B=5"
     gen = torch.Generator()
     out = benchmark(
         lambda: per_group_advantages(rewards, question_ids, 5, generator=gen.manual_seed(0))

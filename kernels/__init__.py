@@ -1,5 +1,7 @@
 """Triton kernels of riskfast, shipped as riskfast.kernels; imports nothing of riskfast.
 
+* :mod:`.bundle_advantages` - RiskPO bundle scores, quantiles and advantages in one
+  launch (``spec/kernels.md``, "bundle advantages");
 * :mod:`.selective_logprobs` - token log-probs and entropy from ``[N, V]`` logits
   (``spec/kernels.md``, "selective log-probs from logits");
 * :mod:`.fused_linear_logprobs` - the same from hidden states and an output layer,
@@ -10,6 +12,6 @@ without a GPU set ``TRITON_INTERPRET=1`` first. The public, validated entry poin
 in ``riskfast.ops``.
 """
 
-from . import fused_linear_logprobs, selective_logprobs
+from . import bundle_advantages, fused_linear_logprobs, selective_logprobs
 
-__all__ = ["fused_linear_logprobs", "selective_logprobs"]
+__all__ = ["bundle_advantages", "fused_linear_logprobs", "selective_logprobs"]
