@@ -92,5 +92,19 @@ say "building and installing riskfast ($target) against $("$vpy" -c \
   'import importlib.metadata as m; print("torch", m.version("torch"))')"
 rm -f "$stamp_file"
 pip_install --no-build-isolation -e "$target"
+
+# --- 4. verl for the integration tests (its own dependencies pull GPU-only packages) ---
+# verl 0.9.1 goes in without its dependencies, then what importing its core algorithms
+# needs; a constraint keeps pip from replacing the torch riskfast was built against.
+case ",$extras," in
+  *,test,* | *,verl,*)
+    constraints="$venv/.riskfast-torch-constraint.txt"
+    "$vpy" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' \
+      >"$constraints"
+    say "installing verl 0.9.1 (without its GPU-only dependencies)"
+    pip_install -c "$constraints" --no-deps "verl==0.9.1"
+    pip_install -c "$constraints" ray tensordict hydra-core codetiming dill pandas orjson
+    ;;
+esac
 echo "$stamp" >"$stamp_file"
 say "done"

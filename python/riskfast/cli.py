@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
+    from .demo.train import run_training
+
+    run_training(args)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
     from .demo import run_synthetic_demo
 
     run_synthetic_demo(
@@ -36,16 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="riskfast", description="Risk-based and likelihood-ratio objectives for post-training."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("demo", "explain"):
-        _add_explain(commands, name)
+    demo = commands.add_parser(
+        "demo",
+        help="train GRPO and RiskPO on a built-in verifiable task and compare them",
+        description="Warm-start a tiny causal LM on reversed-digit addition, then train it by "
+        "RL with GRPO and with RiskPO from the same start and seeds (through TRL); writes "
+        "metrics.jsonl, summary.json and report.png. Needs the [demo] extra (TRL).",
+    )
+    from .demo.train import add_train_arguments
+
+    add_train_arguments(demo)
+    demo.set_defaults(run=_train)
+    _add_explain(commands)
     info = commands.add_parser("info", help="versions and how the extension was built")
     info.set_defaults(run=_info)
     return parser
 
 
-def _add_explain(commands: argparse._SubParsersAction, name: str) -> None:
+def _add_explain(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
-        name, help="GRPO vs RiskPO advantages and loss on a synthetic rollout batch"
+        "explain", help="GRPO vs RiskPO advantages and loss on a synthetic rollout batch"
     )
     demo.add_argument("--questions", type=int, default=8, help="questions in the batch (default 8)")
     demo.add_argument(
@@ -61,14 +78,14 @@ def _add_explain(commands: argparse._SubParsersAction, name: str) -> None:
         "--seed", type=int, default=0, help="seed of rewards and bundling (default 0)"
     )
     demo.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_explain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         print(f"riskfast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,356 @@
+"""RiskPO in verl: the advantage estimator ``"riskpo"`` and the policy loss ``"riskpo"``.
+
+Importing this module registers both in verl's registries (``register_adv_est`` and
+``register_policy_loss`` of ``verl.trainer.ppo.core_algos``). verl imports it itself
+when told to::
+
+    VERL_USE_EXTERNAL_MODULES=riskfast.integrations.verl python -m verl.trainer.main_ppo \\
+        algorithm.adv_estimator=riskpo \\
+        actor_rollout_ref.actor.policy_loss.loss_mode=riskpo \\
+        +algorithm.riskpo.bundle_size=5 +algorithm.riskpo.alpha=0.2 +algorithm.riskpo.beta=0.8
+
+**Advantage estimator** :func:`compute_riskpo_outcome_advantage`, verl's signature
+``(token_level_rewards [bs, T], response_mask [bs, T], index (np.ndarray of uids),
+epsilon, config) -> (advantages [bs, T], returns [bs, T])``. The outcome reward of a
+response is the sum of its token-level rewards; responses sharing a uid answer the same
+prompt. The advantages are :func:`riskfast.riskpo.advantages` of those rewards, spread
+over the response tokens (times ``response_mask``), returned twice as verl's GRPO does.
+Its options come from ``config.riskpo`` (``algorithm.riskpo`` in verl's config, added
+with ``+algorithm.riskpo.<key>=...``; every key optional): ``estimator``,
+``bundle_size``, ``alpha``, ``beta``, ``omega``, ``form``, ``w_mix``,
+``natural_baseline``, ``w_upper``, ``normalize``, ``center``, ``credit``, ``score``,
+``quantile``, ``shuffle``, ``drop_last`` (the arguments of
+:func:`~riskfast.riskpo.advantages`), ``seed`` (of the bundling generator, default 0)
+and ``gamma`` (of the quantile tracker, default 0.1). ``epsilon`` and
+``norm_adv_by_std_in_grpo`` are not used (RiskPO normalises by the bundle's score std).
+verl computes advantages on the driver process over the whole batch, so the bundling
+generator and the tracker live there, in this module (:func:`state_dict` /
+:func:`load_state_dict` save and restore them; verl's checkpoints do not include them).
+
+**Policy loss** :func:`compute_policy_loss_riskpo`, verl's ``PolicyLossFn`` signature
+``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+rollout_is_weights) -> (loss, metrics)``. It is :func:`riskfast.riskpo.policy_loss`
+with the clip range ``clip_ratio_low`` / ``clip_ratio_high`` (falling back to
+``clip_ratio``), the dual clip ``clip_ratio_c`` (as verl's vanilla loss) and verl's
+``loss_agg_mode`` with its global normalisers (``config.global_batch_info``:
+``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). The
+importance ratio is the paper's sequence ratio unless the environment variable
+``RISKFAST_VERL_RATIO_LEVEL=token`` (or a ``riskpo_ratio_level`` key in a dict-like
+config) says otherwise; verl's ``ActorConfig`` is a closed dataclass, so the loss
+cannot read a ``riskpo`` section from it. ``rollout_is_weights`` multiply the per-token
+surrogate before aggregation, as in verl. The entropy bonus and KL loss stay verl's
+(the actor adds them after the policy loss).
+
+With ``RISKFAST_VERL_RATIO_LEVEL=token`` the loss equals verl's ``"vanilla"`` loss on
+the same inputs; the sequence ratio gives GSPO's value (without GSPO's clamp at 10).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..riskpo import AdvantageOptions, QuantileTracker, compute_advantages
+from ..riskpo.loss import RATIO_LEVELS, aggregate, clipped_surrogate, log_ratios, policy_loss
+
+ADVANTAGE_ESTIMATOR_NAME = "riskpo"
+"""``algorithm.adv_estimator`` value registered by this module."""
+
+POLICY_LOSS_NAME = "riskpo"
+"""``actor.policy_loss.loss_mode`` value registered by this module."""
+
+RATIO_LEVEL_ENV = "RISKFAST_VERL_RATIO_LEVEL"
+"""Environment variable choosing the ratio of the verl policy loss (default sequence)."""
+
+_ADVANTAGE_KEYS = {name: name for name in AdvantageOptions.names()}
+_ADVANTAGE_KEYS.update({"quantile_mode": "quantile"})
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for dicts, DictConfigs and verl's dataclass configs alike."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    getter = getattr(config, "get", None)
+    if callable(getter):
+        try:
+            return getter(key, default)
+        except (KeyError, AttributeError):
+            return default
+    return getattr(config, key, default)
+
+
+def riskpo_section(config: Any) -> dict[str, Any]:
+    """The ``riskpo`` options of an algorithm config as a plain dict (empty if absent)."""
+    section = _get(config, "riskpo")
+    if section is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(section, DictConfig):
+            section = OmegaConf.to_container(section, resolve=True)
+    except ImportError:  # pragma: no cover - verl always has omegaconf
+        pass
+    if not isinstance(section, Mapping):
+        raise TypeError(f"config.riskpo: expected a mapping, got {type(section).__name__}")
+    return dict(section)
+
+
+def options_from_config(config: Any) -> tuple[AdvantageOptions, int, float]:
+    """``(AdvantageOptions, seed, gamma)`` from ``config.riskpo``; unknown keys raise."""
+    section = riskpo_section(config)
+    known = set(_ADVANTAGE_KEYS) | {"seed", "gamma"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"config.riskpo: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {_ADVANTAGE_KEYS[k]: v for k, v in section.items() if k in _ADVANTAGE_KEYS}
+    return AdvantageOptions(**kwargs), int(section.get("seed", 0)), float(section.get("gamma", 0.1))
+
+
+class _RunState:
+    """Bundling generator and quantile tracker of the driver process."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.generator = torch.Generator()
+        self.tracker: QuantileTracker | None = None
+
+    def for_options(self, options: AdvantageOptions, seed: int, gamma: float) -> _RunState:
+        key = (seed, gamma, options.alpha, options.beta, options.quantile)
+        if key != self.key:
+            self.key = key
+            self.generator = torch.Generator().manual_seed(seed)
+            self.tracker = None
+            if options.quantile == "tracker" and options.is_risk:
+                self.tracker = QuantileTracker(options.alpha, options.beta, gamma)
+        return self
+
+
+_STATE = _RunState()
+
+
+def reset_state() -> None:
+    """Forget the generator and tracker (the next call reseeds from the config)."""
+    global _STATE
+    _STATE = _RunState()
+
+
+def state_dict() -> dict[str, Any]:
+    """The estimator's run state (generator, tracker), to save beside a verl checkpoint."""
+    return {
+        "key": _STATE.key,
+        "generator": _STATE.generator.get_state(),
+        "tracker": None if _STATE.tracker is None else _STATE.tracker.state_dict(),
+    }
+
+
+def load_state_dict(state: dict[str, Any]) -> None:
+    """Restore :func:`state_dict`."""
+    _STATE.key = None if state["key"] is None else tuple(state["key"])
+    _STATE.generator.set_state(state["generator"])
+    if state["tracker"] is None:
+        _STATE.tracker = None
+    else:
+        tracker_state = state["tracker"]
+        _STATE.tracker = QuantileTracker(
+            tracker_state["alpha"], tracker_state["beta"], tracker_state["gamma"]
+        )
+        _STATE.tracker.load_state_dict(tracker_state)
+
+
+def uids_to_question_ids(index: Any) -> torch.Tensor:
+    """Integer ids ``0..Q-1`` in order of first appearance for any array of uids."""
+    values = index.tolist() if isinstance(index, np.ndarray | torch.Tensor) else list(index)
+    ids: dict[Any, int] = {}
+    return torch.tensor([ids.setdefault(v, len(ids)) for v in values], dtype=torch.long)
+
+
+def compute_riskpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RiskPO advantages in verl's layout (see the module docstring).
+
+    Args:
+        token_level_rewards: ``[bs, T]``; a response's reward is its row sum.
+        response_mask: ``[bs, T]``, 1 on response tokens.
+        index: ``[bs]`` uids (any hashable values); equal uid = same prompt.
+        epsilon: unused (verl passes it to every outcome estimator).
+        config: the algorithm config; options are read from ``config.riskpo``.
+        **kwargs: other keywords verl may pass (ignored).
+
+    Returns:
+        ``(advantages, returns)``, both ``[bs, T]`` and equal, zero outside the mask.
+    """
+    options, seed, gamma = options_from_config(config)
+    if token_level_rewards.dim() != 2:
+        raise ValueError(
+            f"token_level_rewards: expected [bs, T], got shape {tuple(token_level_rewards.shape)}"
+        )
+    if response_mask.shape != token_level_rewards.shape:
+        raise ValueError(
+            f"response_mask: shape {tuple(response_mask.shape)} differs from token_level_rewards "
+            f"{tuple(token_level_rewards.shape)}"
+        )
+    if len(index) != token_level_rewards.shape[0]:
+        raise ValueError(f"index: has {len(index)} uids for {token_level_rewards.shape[0]} responses")
+    state = _STATE.for_options(options, seed, gamma)
+    scores = token_level_rewards.detach().float().sum(dim=-1).cpu()
+    with torch.no_grad():
+        result = compute_advantages(
+            scores,
+            uids_to_question_ids(index),
+            options,
+            tracker=state.tracker,
+            generator=state.generator,
+        )
+        per_response = result.advantages.to(device=token_level_rewards.device)
+        advantages = per_response[:, None] * response_mask.to(per_response.dtype)
+    return advantages, advantages
+
+
+def _ratio_level(config: Any) -> str:
+    level = _get(config, "riskpo_ratio_level") if isinstance(config, Mapping) else None
+    level = level or os.environ.get(RATIO_LEVEL_ENV, "sequence")
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"{RATIO_LEVEL_ENV}: must be one of {RATIO_LEVELS}, got {level!r}")
+    return level
+
+
+def _aggregation(
+    loss_agg_mode: str, info: Mapping[str, Any], width: int
+) -> tuple[str, float | None, int | None]:
+    """``(agg, num_items, max_len)`` reproducing verl's ``agg_loss`` with global info."""
+    dp_size = int(info.get("dp_size") or 1)
+    if loss_agg_mode == "token-sum":
+        return "token-mean", 1.0 / dp_size, None
+    if loss_agg_mode == "token-mean":
+        tokens = info.get("batch_num_tokens")
+        if tokens is None and dp_size > 1:
+            raise ValueError("config.global_batch_info: batch_num_tokens is needed when dp_size > 1")
+        return "token-mean", None if tokens is None else float(tokens) / dp_size, None
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        sequences = info.get("global_batch_size")
+        if sequences is None and dp_size > 1:
+            raise ValueError("config.global_batch_info: global_batch_size is needed when dp_size > 1")
+        num_items = None if sequences is None else float(sequences) / dp_size
+        max_len = None
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            factor = info.get("loss_scale_factor")
+            max_len = int(factor) if factor is not None else width
+        return loss_agg_mode, num_items, max_len
+    raise ValueError(f"loss_agg_mode: unsupported {loss_agg_mode!r}")
+
+
+def compute_policy_loss_riskpo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """RiskPO's clipped surrogate with verl's signature and metrics.
+
+    Args:
+        old_log_prob, log_prob: ``[bs, T]`` behaviour and current log-probs.
+        advantages: ``[bs, T]`` (or ``[bs]``).
+        response_mask: ``[bs, T]``.
+        loss_agg_mode: verl's aggregation mode.
+        config: the actor config (``clip_ratio*``, ``clip_ratio_c``,
+            ``global_batch_info``).
+        rollout_is_weights: optional ``[bs, T]`` weights on the per-token surrogate.
+
+    Returns:
+        ``(loss, metrics)`` with ``actor/pg_clipfrac``, ``actor/ppo_kl``,
+        ``actor/pg_clipfrac_lower`` (as verl's vanilla loss) and ``actor/riskpo_ratio_mean``.
+    """
+    clip = _get(config, "clip_ratio", 0.2)
+    low = _get(config, "clip_ratio_low")
+    high = _get(config, "clip_ratio_high")
+    eps_low = float(clip if low is None else low)
+    eps_high = float(clip if high is None else high)
+    dual_clip = float(_get(config, "clip_ratio_c", 3.0))
+    info = _get(config, "global_batch_info") or {}
+    agg, num_items, max_len = _aggregation(loss_agg_mode, info, int(log_prob.shape[-1]))
+    level = _ratio_level(config)
+    mask = response_mask.bool()
+
+    if rollout_is_weights is None:
+        loss, metrics = policy_loss(
+            log_prob, old_log_prob, advantages, mask, ratio_level=level, eps_low=eps_low,
+            eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len, num_items=num_items,
+        )
+        clip_frac, dual_frac, ratio_mean = (
+            metrics["clip_frac"], metrics["dual_clip_frac"], metrics["ratio_mean"]
+        )
+    else:
+        # The same surrogate built from riskfast's pieces, weighted per token before
+        # aggregation (verl multiplies the per-token loss by the weights).
+        logp = log_prob.float()
+        token_adv = advantages.detach().float()
+        if token_adv.dim() == 1:
+            token_adv = token_adv[:, None].expand_as(logp)
+        token_adv = torch.where(mask, token_adv, torch.zeros_like(token_adv))
+        ratio = torch.exp(log_ratios(logp, old_log_prob.detach().float(), mask, level))
+        pg, clipped, dual = clipped_surrogate(ratio, token_adv, eps_low, eps_high, dual_clip)
+        pg = pg * rollout_is_weights.detach().float()
+        loss = aggregate(pg, mask, agg, max_len=max_len, num_items=num_items)
+        tokens = mask.sum().clamp_min(1)
+        clip_frac = float((clipped & mask).sum() / tokens)
+        dual_frac = float((dual & mask).sum() / tokens)
+        ratio_mean = float(torch.where(mask, ratio.detach(), torch.zeros_like(ratio)).sum() / tokens)
+    with torch.no_grad():
+        diff = torch.clamp(log_prob.detach().float() - old_log_prob.detach().float(), -20.0, 20.0)
+        ppo_kl = float(torch.where(mask, -diff, torch.zeros_like(diff)).sum() / mask.sum().clamp_min(1))
+    metrics_out = {
+        "actor/pg_clipfrac": float(clip_frac),
+        "actor/ppo_kl": ppo_kl,
+        "actor/pg_clipfrac_lower": float(dual_frac),
+        "actor/riskpo_ratio_mean": float(ratio_mean),
+    }
+    return loss, metrics_out
+
+
+def _register() -> None:
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError as err:
+        raise ImportError(
+            "riskfast.integrations.verl needs verl (tested with 0.9.1). On a CPU machine: "
+            "`pip install --no-deps verl==0.9.1` then `pip install ray tensordict hydra-core "
+            f"codetiming dill pandas orjson` ({err})"
+        ) from err
+    adv_registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", {})
+    previous = adv_registry.get(ADVANTAGE_ESTIMATOR_NAME)
+    if previous is not None and getattr(previous, "__module__", None) == __name__:
+        del adv_registry[ADVANTAGE_ESTIMATOR_NAME]  # re-import of this module: replace
+    core_algos.register_adv_est(ADVANTAGE_ESTIMATOR_NAME)(compute_riskpo_outcome_advantage)
+    core_algos.register_policy_loss(POLICY_LOSS_NAME)(compute_policy_loss_riskpo)
+
+
+_register()
+
+__all__ = [
+    "ADVANTAGE_ESTIMATOR_NAME",
+    "POLICY_LOSS_NAME",
+    "RATIO_LEVEL_ENV",
+    "compute_policy_loss_riskpo",
+    "compute_riskpo_outcome_advantage",
+    "load_state_dict",
+    "options_from_config",
+    "reset_state",
+    "state_dict",
+    "uids_to_question_ids",
+]

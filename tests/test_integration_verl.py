@@ -1,0 +1,259 @@
+"""verl integration: ``"riskpo"`` advantage estimator and policy loss.
+
+With verl installed, the functions are fetched through verl's own registries
+(``get_adv_estimator_fn`` / ``get_policy_loss_fn``), called with verl's tensor layout
+and configs, and compared with riskfast's functions and with verl's own GRPO estimator
+and vanilla / GSPO losses. Without verl those tests skip with the reason, and a
+fallback test checks the same signature contract against a stand-in registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from riskfast.riskpo import advantages as riskpo_advantages
+from riskfast.riskpo import policy_loss
+
+# verl 0.9.1's calling conventions (verl/trainer/ppo/core_algos.py).
+ADV_PARAMS = ["token_level_rewards", "response_mask", "index", "epsilon", "config"]
+LOSS_PARAMS = [
+    "old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
+    "rollout_is_weights",
+]
+AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+             "token-sum"]
+
+
+def _verl() -> Any:
+    try:
+        return importlib.import_module("verl.trainer.ppo.core_algos")
+    except Exception as err:  # noqa: BLE001 - ImportError or a broken optional dependency
+        print(f"verl cannot be imported: {err!r}", file=sys.stderr)
+        pytest.skip(
+            f"verl not importable ({err!r}); on a CPU: pip install --no-deps verl==0.9.1 && "
+            "pip install ray tensordict hydra-core codetiming dill pandas orjson"
+        )
+
+
+def verl_batch(seed: int = 0, prompts: int = 6, group: int = 4, width: int = 7) -> dict[str, Any]:
+    """verl's layout: uids interleaved, outcome reward on each response's last token."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = prompts * group
+    order = torch.randperm(bs, generator=gen)
+    uids = np.array([f"uid-{int(i) // group}" for i in order], dtype=object)
+    lengths = torch.randint(1, width + 1, (bs,), generator=gen)
+    lengths[0] = 0  # an empty response
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    outcome = torch.randint(0, 2, (bs,), generator=gen).float()
+    rewards = torch.zeros(bs, width)
+    last = (lengths - 1).clamp_min(0)
+    rewards[torch.arange(bs), last] = outcome * (lengths > 0)
+    old = -torch.rand(bs, width, generator=gen) * 2
+    new = old + 0.4 * torch.randn(bs, width, generator=gen)
+    return {"rewards": rewards, "mask": mask, "uids": uids, "old": old, "new": new}
+
+
+def question_ids(uids: np.ndarray) -> torch.Tensor:
+    seen: dict[Any, int] = {}
+    return torch.tensor([seen.setdefault(u, len(seen)) for u in uids.tolist()])
+
+
+def check_advantage_fn(fn: Callable[..., Any], config: Any) -> None:
+    """``fn`` in verl's layout equals riskfast.riskpo.advantages on the outcome rewards."""
+    batch = verl_batch()
+    adv, returns = fn(
+        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+        config=config,
+    )
+    assert adv.shape == batch["rewards"].shape and torch.equal(adv, returns)
+    expected = riskpo_advantages(
+        batch["rewards"].sum(-1), question_ids(batch["uids"]), bundle_size=3,
+        generator=torch.Generator().manual_seed(7),
+    ).advantages
+    torch.testing.assert_close(adv, expected[:, None] * batch["mask"], rtol=0, atol=0)
+    assert adv.abs().sum() > 0
+
+
+# --------------------------------------------------------------------- with verl
+def test_registered_in_verl_registries() -> None:
+    core_algos = _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+    assert core_algos.get_adv_estimator_fn("riskpo") is module.compute_riskpo_outcome_advantage
+    assert core_algos.get_policy_loss_fn("riskpo") is module.compute_policy_loss_riskpo
+    assert list(inspect.signature(core_algos.get_adv_estimator_fn("riskpo")).parameters)[:5] == ADV_PARAMS
+    assert list(inspect.signature(core_algos.get_policy_loss_fn("riskpo")).parameters) == LOSS_PARAMS
+    importlib.reload(module)  # a second import must not clash with the first registration
+    assert core_algos.get_adv_estimator_fn("riskpo").__module__ == module.__name__
+
+
+def test_advantage_estimator_through_verl() -> None:
+    core_algos = _verl()
+    from omegaconf import OmegaConf
+
+    module = importlib.import_module("riskfast.integrations.verl")
+    fn = core_algos.get_adv_estimator_fn("riskpo")
+    module.reset_state()
+    check_advantage_fn(fn, OmegaConf.create({"riskpo": {"bundle_size": 3, "seed": 7}}))
+
+    # The generator advances between calls; state_dict / load_state_dict replay a call.
+    config = OmegaConf.create({"riskpo": {"bundle_size": 3, "seed": 7, "quantile": "tracker"}})
+    batch = verl_batch(seed=1)
+    call = {"token_level_rewards": batch["rewards"], "response_mask": batch["mask"],
+            "index": batch["uids"], "config": config}
+    module.reset_state()
+    fn(**call)
+    saved = module.state_dict()
+    second, _ = fn(**call)
+    module.load_state_dict(saved)
+    again, _ = fn(**call)
+    assert torch.equal(second, again)
+
+
+def test_grpo_through_riskpo_matches_verl_grpo() -> None:
+    core_algos = _verl()
+    from omegaconf import OmegaConf
+
+    batch = verl_batch(seed=2)
+    ours, _ = core_algos.get_adv_estimator_fn("riskpo")(
+        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+        config=OmegaConf.create({"riskpo": {"estimator": "grpo"}}),
+    )
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _actor_config(**kwargs: Any) -> Any:
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=2, **kwargs)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("distributed", [False, True])
+def test_token_ratio_loss_equals_verl_vanilla(
+    mode: str, distributed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core_algos = _verl()
+    monkeypatch.setenv("RISKFAST_VERL_RATIO_LEVEL", "token")
+    config = _actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    batch = verl_batch(seed=3)
+    if distributed:  # as verl's actor fills it for a data-parallel step
+        config.global_batch_info.update(
+            dp_size=2, batch_num_tokens=int(batch["mask"].sum()) * 2,
+            global_batch_size=int((batch["mask"].sum(-1) > 0).sum()) * 2, loss_scale_factor=None,
+        )
+    adv = torch.randn(batch["mask"].shape[0], generator=torch.Generator().manual_seed(5))
+    adv = adv[:, None] * batch["mask"]
+    weights = torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(6)) + 0.5
+    for is_weights in (None, weights):
+        results = []
+        for name in ("riskpo", "vanilla"):
+            logp = batch["new"].clone().requires_grad_(True)
+            loss, metrics = core_algos.get_policy_loss_fn(name)(
+                old_log_prob=batch["old"], log_prob=logp, advantages=adv,
+                response_mask=batch["mask"], loss_agg_mode=mode, config=config,
+                rollout_is_weights=is_weights,
+            )
+            loss.backward()
+            results.append((loss.detach(), logp.grad.clone(), metrics))
+        (ours, g_ours, m_ours), (theirs, g_theirs, m_theirs) = results
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-7)
+        for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+            assert m_ours[key] == pytest.approx(m_theirs[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sequence_ratio_loss_equals_verl_gspo_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    core_algos = _verl()
+    monkeypatch.delenv("RISKFAST_VERL_RATIO_LEVEL", raising=False)
+    config = _actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=1e9)
+    batch = verl_batch(seed=4)
+    adv = torch.randn(batch["mask"].shape[0], generator=torch.Generator().manual_seed(5))
+    adv = adv[:, None] * batch["mask"]
+    values = []
+    for name in ("riskpo", "gspo"):
+        loss, _ = core_algos.get_policy_loss_fn(name)(
+            old_log_prob=batch["old"], log_prob=batch["new"], advantages=adv,
+            response_mask=batch["mask"], loss_agg_mode="seq-mean-token-mean", config=config,
+        )
+        values.append(loss)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- without verl
+def _stand_in_verl(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A registry with verl 0.9.1's decorator API, installed in place of verl."""
+    core = types.ModuleType("verl.trainer.ppo.core_algos")
+    core.ADV_ESTIMATOR_REGISTRY = {}
+    core.POLICY_LOSS_REGISTRY = {}
+
+    def register_adv_est(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in core.ADV_ESTIMATOR_REGISTRY and core.ADV_ESTIMATOR_REGISTRY[name] != fn:
+                raise ValueError(f"Adv estimator {name} has already been registered")
+            core.ADV_ESTIMATOR_REGISTRY[name] = fn
+            return fn
+
+        return decorator
+
+    def register_policy_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            core.POLICY_LOSS_REGISTRY[name] = fn
+            return fn
+
+        return decorator
+
+    core.register_adv_est = register_adv_est
+    core.register_policy_loss = register_policy_loss
+    core.get_adv_estimator_fn = lambda name: core.ADV_ESTIMATOR_REGISTRY[name]
+    core.get_policy_loss_fn = lambda name: core.POLICY_LOSS_REGISTRY[name]
+    for name in ("verl", "verl.trainer", "verl.trainer.ppo"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core)
+    sys.modules["verl.trainer.ppo"].core_algos = core  # type: ignore[attr-defined]
+    monkeypatch.delitem(sys.modules, "riskfast.integrations.verl", raising=False)
+    return core
+
+
+def test_signature_contract_without_verl(monkeypatch: pytest.MonkeyPatch) -> None:
+    core = _stand_in_verl(monkeypatch)
+    module = importlib.import_module("riskfast.integrations.verl")
+    adv_fn = core.get_adv_estimator_fn("riskpo")
+    loss_fn = core.get_policy_loss_fn("riskpo")
+    assert adv_fn is module.compute_riskpo_outcome_advantage
+    assert loss_fn is module.compute_policy_loss_riskpo
+    adv_params = inspect.signature(adv_fn).parameters
+    assert list(adv_params)[:5] == ADV_PARAMS
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in adv_params.values())
+    assert list(inspect.signature(loss_fn).parameters) == LOSS_PARAMS
+
+    module.reset_state()
+    check_advantage_fn(adv_fn, {"riskpo": {"bundle_size": 3, "seed": 7}})
+
+    # The loss with a plain mapping config equals riskfast.riskpo.policy_loss.
+    batch = verl_batch(seed=8)
+    adv = torch.randn(batch["mask"].shape[0], generator=torch.Generator().manual_seed(1))
+    config = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
+              "clip_ratio_c": 3.0, "global_batch_info": {}}
+    loss, metrics = loss_fn(
+        old_log_prob=batch["old"], log_prob=batch["new"], advantages=adv[:, None] * batch["mask"],
+        response_mask=batch["mask"], loss_agg_mode="token-mean", config=config,
+    )
+    expected, _ = policy_loss(batch["new"], batch["old"], adv, batch["mask"], eps_low=0.2,
+                              eps_high=0.28, dual_clip=3.0)
+    torch.testing.assert_close(loss, expected)
+    assert set(metrics) >= {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    with pytest.raises(ValueError, match="config.riskpo"):
+        adv_fn(token_level_rewards=batch["rewards"], response_mask=batch["mask"],
+               index=batch["uids"], config={"riskpo": {"bundel_size": 3}})
