@@ -209,6 +209,14 @@ class RiskPOConfig(GRPOConfig):
     dual_clip: float | None = field(
         default=None, metadata=_risk_help("Dual-clip constant c > 1 for negative advantages.")
     )
+    use_fused_logprobs: bool = field(
+        default=False,
+        metadata=_risk_help(
+            "Compute the policy and reference log-probs (and entropies) with "
+            "riskfast.ops.fused_linear_logprobs inside TRL's fused LM head (Triton on CUDA, "
+            "chunked PyTorch on CPU) instead of TRL's own chunked function."
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -290,6 +298,56 @@ class GatheredQuantileTracker(QuantileTracker):
         return values
 
 
+class _RiskfastLogProbHead:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` inside its fused LM head.
+
+    TRL 1.16 patches the model's forward (``add_fused_lm_head``) so that
+    ``model(..., fused_lm_head=True)`` returns per-token log-probs without materialising
+    the logits; the projection itself is ``ChunkedLogProbFunction.apply(hidden[M, H],
+    weight[V, H], bias, targets[M], temperature, chunk_size, softcapping, logit_scale,
+    outputs)``. This object has the same ``apply`` and computes log-probs and entropy
+    with :func:`riskfast.ops.fused_linear_logprobs`, leaving masking, the backbone and
+    data parallelism to TRL. What riskfast's op does not cover (logit soft-capping, a
+    logit scale, outputs other than the entropy) goes to TRL's own function.
+    """
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.calls = 0
+
+    def apply(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = ("entropy",),
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
+        extra = set(outputs) - {"log_probs", "entropy"}
+        if final_logit_softcapping is not None or logit_scale != 1.0 or extra:
+            return self.original.apply(
+                hidden, weight, bias, targets, temperature, chunk_size,
+                final_logit_softcapping, logit_scale, outputs,
+            )  # fmt: skip
+        from ..ops import fused_linear_logprobs
+
+        if weight.dtype != hidden.dtype:  # as autocast would: project in the activations' dtype
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        self.calls += 1
+        if "entropy" in outputs:
+            logp, entropy = fused_linear_logprobs(
+                hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True
+            )
+            return logp, entropy, None, None, None
+        logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
+        return logp, None, None, None, None
+
+
 class RiskPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose advantages and loss are RiskPO's (see the module docstring).
 
@@ -326,6 +384,26 @@ class RiskPOTrainer(GRPOTrainer):
             )
         self.riskpo_last: dict[str, Any] = {}
         self._riskpo_gathered_rewards: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- log-probs
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's log-probs, or riskfast's fused kernel when ``use_fused_logprobs`` is set.
+
+        Serves the policy and the reference model alike (TRL calls this for both).
+        """
+        if not self.args.use_fused_logprobs:
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        import trl.trainer.utils as trl_utils
+
+        original = trl_utils._ChunkedLogProbFunction
+        self.riskpo_logprob_head = getattr(self, "riskpo_logprob_head", None) or _RiskfastLogProbHead(
+            original
+        )
+        trl_utils._ChunkedLogProbFunction = self.riskpo_logprob_head
+        try:
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        finally:
+            trl_utils._ChunkedLogProbFunction = original
 
     # ----------------------------------------------------------------- advantages
     def _calculate_rewards(
