@@ -67,6 +67,8 @@ RiskPOConfig               riskfast argument
 ``epsilon_high``           ``eps_high`` (default: ``epsilon``)
 ``beta``                   ``beta_kl``
 ``entropy_coef``           ``entropy_coef``
+``use_fused_logprobs``     policy/reference log-probs through
+                           :func:`riskfast.ops.fused_linear_logprobs`
 =========================  =====================================
 
 Not supported (``RiskPOConfig`` raises ``ValueError`` naming the field): the loss types
