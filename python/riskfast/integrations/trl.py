@@ -275,29 +275,13 @@ class GatheredQuantileTracker(QuantileTracker):
     """A :class:`QuantileTracker` fed the rewards of *all* processes on every process.
 
     RiskPOTrainer computes the bundles from the gathered rewards, so every rank already
-    sees every member score; pooling them again over ranks (as the base class does
-    under ``torch.distributed``) would count each score once per rank. This variant
-    uses the scores it is given, with no communication, and so holds on every rank the
-    same values as one process fed the same rollouts.
+    sees every member score; pooling them again over ranks would count each score once
+    per rank. This is the base tracker with ``gathered=True``: no communication, and
+    on every rank the same values as one process fed the same rollouts.
     """
 
-    def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.detach().float().flatten()
-
-    def update(self, scores: torch.Tensor) -> torch.Tensor:
-        """One stochastic-approximation step ``q_s += gamma * (s - mean(1[S < q_s]))``."""
-        scores = self._checked(scores).detach().float().flatten()
-        if self.values is None:
-            self.initialize(scores)
-        assert self.values is not None
-        values = self.values.to(scores.device)
-        if scores.numel() > 0:
-            fraction = (scores[None, :] < values[:, None]).double().mean(dim=1)
-            levels = torch.tensor(self.levels, dtype=torch.float64, device=values.device)
-            values = (values.double() + self.gamma * (levels - fraction)).float()
-        self.values = values
-        self.num_updates += 1
-        return values
+    def __init__(self, alpha: float = 0.2, beta: float = 0.8, gamma: float = 0.1) -> None:
+        super().__init__(alpha, beta, gamma, gathered=True)
 
 
 class _RiskfastLogProbHead:

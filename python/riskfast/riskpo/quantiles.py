@@ -71,6 +71,9 @@ class QuantileTracker:
         beta: upper level, ``beta <= 1``.
         gamma: step size of the update, ``> 0``.
         process_group: the ``torch.distributed`` group to reduce over (default: world).
+        gathered: True when every rank is already fed the scores of all ranks (as the
+            TRL integration does, bundling the gathered rewards): then nothing is
+            communicated, since pooling again would count each score once per rank.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class QuantileTracker:
         gamma: float = 0.1,
         *,
         process_group: Any = None,
+        gathered: bool = False,
     ) -> None:
         self.alpha = require_number("alpha", alpha, low=0.0, high=1.0)
         self.beta = require_number("beta", beta, low=0.0, high=1.0)
@@ -87,6 +91,7 @@ class QuantileTracker:
             raise ValueError(f"beta: must be greater than alpha ({self.alpha}), got {self.beta}")
         self.gamma = require_number("gamma", gamma, low=0.0, low_open=True)
         self.process_group = process_group
+        self.gathered = bool(gathered)
         self.values: torch.Tensor | None = None
         self.num_updates = 0
 
@@ -98,9 +103,12 @@ class QuantileTracker:
     def levels(self) -> tuple[float, float]:
         return (self.alpha, self.beta)
 
+    def _communicates(self) -> bool:
+        return not self.gathered and _distributed()
+
     def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.detach().float().flatten()
-        return _all_gather_1d(scores, self.process_group) if _distributed() else scores
+        return _all_gather_1d(scores, self.process_group) if self._communicates() else scores
 
     def _checked(self, scores: Any) -> torch.Tensor:
         scores = as_tensor("scores", scores)
@@ -132,7 +140,7 @@ class QuantileTracker:
         values = self.values.to(scores.device)
         below = (scores[None, :] < values[:, None]).sum(dim=1).double()
         totals = torch.cat([below, below.new_tensor([scores.numel()])])
-        if _distributed():
+        if self._communicates():
             dist.all_reduce(totals, group=self.process_group)
         if float(totals[2]) > 0:
             fraction = totals[:2] / totals[2]
