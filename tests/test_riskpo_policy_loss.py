@@ -448,3 +448,31 @@ def test_mask_may_be_bool_or_numeric() -> None:
         problem["logp"], problem["old_logp"], problem["advantages"], problem["mask"].to(torch.int64)
     )
     assert torch.equal(as_bool, as_float) and torch.equal(as_bool, as_int)
+
+
+def test_token_weights_multiply_each_token_surrogate_before_aggregation() -> None:
+    """token_weights (e.g. truncated importance weights): a float64 loop by hand."""
+    gen = torch.Generator().manual_seed(11)
+    logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    old = logp + 0.4 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64) * 2
+    weights[0, 3] = 1e9  # masked: must not matter
+    total, count = 0.0, 0
+    for n in range(3):
+        for t in range(4):
+            if not mask[n, t]:
+                continue
+            r = math.exp(float(logp[n, t] - old[n, t]))
+            a = float(adv[n])
+            pg = max(-a * r, -a * min(max(r, 0.8), 1.2))
+            total += float(weights[n, t]) * pg
+            count += 1
+    loss, _ = policy_loss(logp, old, adv, mask, ratio_level="token", token_weights=weights)
+    assert float(loss) == pytest.approx(total / count, rel=1e-12)
+    ones, _ = policy_loss(logp, old, adv, mask, ratio_level="token", token_weights=torch.ones(3))
+    plain, _ = policy_loss(logp, old, adv, mask, ratio_level="token")
+    assert float(ones) == float(plain)
+    with pytest.raises(ValueError, match="token_weights"):
+        policy_loss(logp, old, adv, mask, token_weights=torch.ones(2, 4, dtype=torch.float64))

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..riskpo import AdvantageOptions, QuantileTracker, compute_advantages
-from ..riskpo.loss import RATIO_LEVELS, aggregate, clipped_surrogate, log_ratios, policy_loss
+from ..riskpo.loss import RATIO_LEVELS, policy_loss
 
 ADVANTAGE_ESTIMATOR_NAME = "riskpo"
 """``algorithm.adv_estimator`` value registered by this module."""
@@ -287,30 +287,14 @@ def compute_policy_loss_riskpo(
     level = _ratio_level(config)
     mask = response_mask.bool()
 
-    if rollout_is_weights is None:
-        loss, metrics = policy_loss(
-            log_prob, old_log_prob, advantages, mask, ratio_level=level, eps_low=eps_low,
-            eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len, num_items=num_items,
-        )
-        clip_frac, dual_frac, ratio_mean = (
-            metrics["clip_frac"], metrics["dual_clip_frac"], metrics["ratio_mean"]
-        )
-    else:
-        # The same surrogate built from riskfast's pieces, weighted per token before
-        # aggregation (verl multiplies the per-token loss by the weights).
-        logp = log_prob.float()
-        token_adv = advantages.detach().float()
-        if token_adv.dim() == 1:
-            token_adv = token_adv[:, None].expand_as(logp)
-        token_adv = torch.where(mask, token_adv, torch.zeros_like(token_adv))
-        ratio = torch.exp(log_ratios(logp, old_log_prob.detach().float(), mask, level))
-        pg, clipped, dual = clipped_surrogate(ratio, token_adv, eps_low, eps_high, dual_clip)
-        pg = pg * rollout_is_weights.detach().float()
-        loss = aggregate(pg, mask, agg, max_len=max_len, num_items=num_items)
-        tokens = mask.sum().clamp_min(1)
-        clip_frac = float((clipped & mask).sum() / tokens)
-        dual_frac = float((dual & mask).sum() / tokens)
-        ratio_mean = float(torch.where(mask, ratio.detach(), torch.zeros_like(ratio)).sum() / tokens)
+    loss, metrics = policy_loss(
+        log_prob, old_log_prob, advantages, mask, ratio_level=level, eps_low=eps_low,
+        eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len, num_items=num_items,
+        token_weights=rollout_is_weights,
+    )  # fmt: skip
+    clip_frac, dual_frac, ratio_mean = (
+        metrics["clip_frac"], metrics["dual_clip_frac"], metrics["ratio_mean"]
+    )  # fmt: skip
     with torch.no_grad():
         diff = torch.clamp(log_prob.detach().float() - old_log_prob.detach().float(), -20.0, 20.0)
         ppo_kl = float(torch.where(mask, -diff, torch.zeros_like(diff)).sum() / mask.sum().clamp_min(1))

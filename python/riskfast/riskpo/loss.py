@@ -144,6 +144,7 @@ def policy_loss(
     agg: str = "token-mean",
     max_len: int | None = None,
     num_items: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss of RiskPO (spec ``riskpo.md`` section 4).
 
@@ -172,6 +173,9 @@ def policy_loss(
         max_len: divisor of ``seq-mean-token-sum-norm`` (default ``T``).
         num_items: global normaliser replacing the local token (or sequence) count, for
             data-parallel runs.
+        token_weights: ``[N, T]`` (or ``[N]``) weights multiplying the clipped surrogate
+            of each token before aggregation (no gradient), e.g. the truncated importance
+            weights of a rollout engine whose log-probs differ from the trainer's.
 
     Returns:
         ``(loss, metrics)``: a 0-dim tensor (float32, float64 for float64 inputs) and a
@@ -215,6 +219,15 @@ def policy_loss(
         require_int("max_len", max_len, low=1)
     if num_items is not None:
         num_items = require_number("num_items", num_items, low=0.0, low_open=True)
+    if token_weights is not None:
+        token_weights = require_tensor("token_weights", token_weights)
+        require_real("token_weights", token_weights)
+        require_same_device("token_weights", token_weights, "logp", logp)
+        if token_weights.shape not in (logp.shape[:1], logp.shape):
+            raise ValueError(
+                f"token_weights: expected shape [N] or [N, T] {tuple(logp.shape)}, "
+                f"got {tuple(token_weights.shape)}"
+            )
 
     mask = mask != 0
     dtype = _compute_dtype(logp, old_logp, ref_logp, entropy)
@@ -229,6 +242,12 @@ def policy_loss(
     log_ratio = log_ratios(logp, old_logp, mask, ratio_level)
     ratio = torch.exp(log_ratio)
     pg, was_clipped, dual = clipped_surrogate(ratio, token_advantages, eps_low, eps_high, dual_clip)
+    if token_weights is not None:
+        weights = token_weights.detach().to(dtype)
+        if weights.dim() == 1:
+            weights = weights[:, None].expand_as(pg)
+        require_finite("token_weights", weights, mask)
+        pg = pg * torch.where(mask, weights, torch.zeros_like(weights))
     token_loss = pg
     kl = None
     if ref_logp is not None:
