@@ -12,6 +12,8 @@ import importlib.util
 
 import torch
 
+from ._kernels import load_kernels
+
 MAX_KERNEL_MEMBERS = 64
 """Largest group size G the kernel handles in one program (spec/kernels.md: up to 64)."""
 
@@ -58,7 +60,7 @@ def bundle_advantages(
         ``scores [nb, G]``, ``quantiles [nb, 2]``, ``member_advantages [nb, G]`` and
         ``advantages [N]``, all float32. No host synchronisation.
     """
-    from riskfast.kernels import bundle_advantages as kernel
+    kernel = load_kernels().bundle_advantages
 
     key = (estimator, form if estimator == "mvar" else None)
     if key not in kernel.ESTIMATOR_CODES:

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -49,6 +46,7 @@ from .._checks import (
     require_same_device,
     require_tensor,
 )
+from ._kernels import load_kernels as _load_kernels
 from .reference import fused_linear_logprobs_reference, selective_logprobs_reference
 
 __all__ = ["BACKENDS", "fused_linear_logprobs", "selective_logprobs"]
@@ -64,37 +62,6 @@ LogprobResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------
 # Loading the Triton kernels (lazily: importing riskfast must not need Triton)
 # --------------------------------------------------------------------------------------
-
-
-def _load_kernels() -> ModuleType:
-    """Return the ``riskfast.kernels`` package.
-
-    Installed (wheel or editable), it is the repository's top-level ``kernels/`` folder
-    shipped as ``riskfast/kernels`` (pyproject ``wheel.packages``). From a source tree
-    on ``PYTHONPATH=python`` it is not under ``python/riskfast``, so it is loaded from
-    ``<repo>/kernels`` under the same name.
-    """
-    try:
-        return importlib.import_module("riskfast.kernels")
-    except ModuleNotFoundError as err:
-        if err.name != "riskfast.kernels":
-            raise
-    root = Path(__file__).resolve().parents[3] / "kernels"
-    init = root / "__init__.py"
-    if not init.is_file():
-        raise ModuleNotFoundError("riskfast.kernels: not installed and no kernels/ folder found")
-    spec = importlib.util.spec_from_file_location(
-        "riskfast.kernels", init, submodule_search_locations=[str(root)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["riskfast.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop("riskfast.kernels", None)
-        raise
-    return module
 
 
 def _triton_available() -> bool:
