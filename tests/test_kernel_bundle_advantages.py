@@ -9,6 +9,7 @@ bundling.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -17,6 +18,10 @@ from oracles.riskpo_oracle import oracle_advantages
 from riskfast.riskpo import QuantileTracker, advantages
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel cannot run")
+
+# Compiled on a GPU (benchmarks/gpu_check.py runs this file there), interpreted on a CPU.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")
 
 RISK_CASES = [
     {"estimator": "mvar", "form": "paper"},
@@ -44,7 +49,7 @@ def _rollout(questions: int, group: int, seed: int, continuous: bool = False):
     rewards[:group] = 1.0  # one question whose answers all agree
     perm = torch.randperm(questions * group, generator=gen)
     question_ids = (torch.arange(questions).repeat_interleave(group) * 7 + 3)[perm]
-    return rewards[perm], question_ids
+    return rewards[perm].to(DEVICE), question_ids.to(DEVICE)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,11 +106,12 @@ def test_kernel_with_ties_matches_hand_computed_case() -> None:
     Paper form, omega = 0.5, no normalisation: A(z) = -(1.5)(0.8 - z)+ + g(z, 0.8, 1.2)
     -> z = 0: -1.2 - 0.4 = -1.6; z = 1: 1 - 1.2 = -0.2; z = 2: 0.
     """
-    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0])
-    out = advantages(rewards, torch.zeros(5, dtype=torch.long), backend="triton", normalize=False)
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0], device=DEVICE)
+    question_ids = torch.zeros(5, dtype=torch.long, device=DEVICE)
+    out = advantages(rewards, question_ids, backend="triton", normalize=False)
     expected = torch.tensor([-1.6, -0.2, -0.2, -0.2, 0.0])
-    torch.testing.assert_close(out.advantages, expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.quantiles, torch.tensor([[0.8, 1.2]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.advantages.cpu(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.quantiles.cpu(), torch.tensor([[0.8, 1.2]]), rtol=0, atol=1e-6)
 
 
 def test_kernel_uses_and_updates_the_tracker_like_the_torch_path() -> None:
@@ -140,7 +146,7 @@ def test_kernel_matches_the_float64_oracle_on_the_same_bundling() -> None:
         generator=torch.Generator().manual_seed(0),
     )
     ref = oracle_advantages(
-        rewards.double().tolist(),
+        rewards.double().cpu().tolist(),
         question_ids.tolist(),
         out.bundle_ids.tolist(),
         out.member_ids.tolist(),
@@ -158,7 +164,7 @@ def test_kernel_matches_the_float64_oracle_on_the_same_bundling() -> None:
         score="sum",
     )
     ref = torch.tensor(ref, dtype=torch.float64)
-    assert _relative_error(out.advantages, ref) < 1e-5
+    assert _relative_error(out.advantages.cpu(), ref) < 1e-5
 
 
 def test_forcing_the_kernel_past_its_limits_names_the_backend() -> None:
