@@ -233,7 +233,8 @@ def advantages(
         generator: source of the random bundling (``shuffle=True``).
         shuffle: random bundles and members (default), or consecutive questions and
             member j = j-th response (the reference code's rule).
-        drop_last: give the responses of a last, smaller bundle advantage 0.
+        drop_last: give the responses of a last, smaller bundle advantage 0 (its scores
+            do not feed the tracker either; explicit bundlings are never dropped).
         bundle_ids, member_ids: an explicit bundling (``[N]`` each), overriding both.
         backend: ``"auto"`` (the Triton kernel on CUDA for built-in estimators and
             G <= 64, PyTorch otherwise), ``"torch"``, or ``"triton"`` (forced; on a CPU
