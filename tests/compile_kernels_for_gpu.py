@@ -1,0 +1,188 @@
+"""Compile every Triton kernel launch riskfast makes for a GPU target, with no GPU.
+
+Run as a script (``python tests/compile_kernels_for_gpu.py [--arch 90]``); the test
+``tests/test_kernels_compile.py`` runs it in a subprocess. It imports the kernels as
+real ``@triton.jit`` functions (``TRITON_INTERPRET=0``), replaces the launch with a
+recorder, drives the public ops on small CPU tensors (forward and backward, every dtype
+the kernels take, every estimator of the bundle kernel, G = 1, K = 1), and compiles each
+recorded launch ahead of time for ``cuda:sm_<arch>`` through ptx to a cubin with the
+launch's own constexprs, ``num_warps`` and ``num_stages``. Integer arguments equal to 1
+are compiled as the constant 1, as Triton specialises them at launch.
+
+This catches what the CPU interpreter lets through (type errors in the Triton
+language, constexpr misuse, unsupported operations, register or shared-memory
+overflows at compile time). It does not run anything: numerics and speed still need a
+GPU (``benchmarks/gpu_check.py``). Prints one line per distinct compiled kernel
+variant and exits non-zero when any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JIT functions
+
+import torch
+import triton
+import triton.runtime.jit as triton_jit
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+POINTER_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+# Largest shared memory one block may use (opt-in), by compute capability: a kernel
+# over it compiles but fails at launch ("out of resource: shared memory").
+MAX_SHARED_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}
+
+recorded: list[tuple[triton_jit.JITFunction, tuple, dict]] = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):  # replaces JITFunction.run
+    recorded.append((self, args, kwargs))
+
+
+def _drive_ops() -> None:
+    """Call every public entry point that launches a kernel, forward and backward."""
+    from riskfast.ops import fused_linear_logprobs, selective_logprobs
+    from riskfast.ops._kernels import load_kernels
+    from riskfast.riskpo import QuantileTracker, advantages
+
+    kernels = load_kernels()  # defined now, as JIT functions
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the CPU tensors past the ops' device guard
+    for module in (kernels.selective_logprobs, kernels.fused_linear_logprobs):
+        # The launchers pick their GPU configuration (tile sizes, 16-bit tensor-core dots).
+        module.is_interpreting = lambda: False
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.randn(5, 37, generator=gen).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 37, (5,), generator=gen)
+        logp, entropy = selective_logprobs(logits, targets, return_entropy=True, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        logp = selective_logprobs(logits, targets, backend="triton", temperature=0.7)
+        logp.sum().backward()
+        hidden = torch.randn(6, 40, generator=gen).to(dtype).requires_grad_(True)
+        weight = torch.randn(37, 40, generator=gen).to(dtype).requires_grad_(True)
+        bias = torch.randn(37, generator=gen).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 37, (6,), generator=gen)
+        logp, entropy = fused_linear_logprobs(
+            hidden, weight, targets, bias=bias, return_entropy=True, backend="triton"
+        )
+        (logp.sum() + entropy.sum()).backward()
+        fused_linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+
+    rewards = torch.rand(24, generator=gen)
+    question_ids = torch.arange(6).repeat_interleave(4)
+    risk = [
+        {"estimator": "mvar"},
+        {"estimator": "mvar", "form": "reference_code"},
+        {"estimator": "rvar"},
+        {"estimator": "cvar"},
+        {"estimator": "upper"},
+    ]
+    for options in risk:
+        for extra in ({}, {"center": True, "credit": "std", "score": "mean"}, {"normalize": False}):
+            advantages(rewards, question_ids, backend="triton", bundle_size=4, **options, **extra)
+    for estimator in ("grpo", "dr_grpo", "rloo"):
+        advantages(rewards, question_ids, backend="triton", estimator=estimator)
+    tracker = QuantileTracker()
+    advantages(rewards, question_ids, backend="triton", quantile="tracker", tracker=tracker)
+    advantages(rewards[:6], torch.arange(6), backend="triton", bundle_size=3)  # G = 1
+
+
+def _signature(fn: triton_jit.JITFunction, args: tuple, kwargs: dict):
+    """Triton signature strings and constexpr values of one recorded launch."""
+    bound = dict(zip(fn.arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    signature: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], object] = {}
+    for index, param in enumerate(fn.params):
+        value = bound[param.name]
+        if param.is_constexpr or value is None or (type(value) is int and value == 1):
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.fn.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
+    args = parser.parse_args()
+    triton_jit.JITFunction.run = _record
+    _drive_ops()
+    target = GPUTarget("cuda", args.arch, 32)
+    seen: set[tuple] = set()
+    failures = 0
+    started = time.time()
+    for fn, call_args, kwargs in recorded:
+        signature, constexprs = _signature(fn, call_args, kwargs)
+        options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+        key = (
+            fn.fn.__name__,
+            tuple(signature.items()),
+            tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+            tuple(sorted(options.items())),
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        shown = ", ".join(
+            f"{fn.arg_names[i[0]]}={v}"
+            for i, v in constexprs.items()
+            if fn.params[i[0]].is_constexpr
+        )
+        try:
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                target=target,
+                options=options,
+            )
+            shared = int(compiled.metadata.shared)
+            limit = MAX_SHARED_BYTES.get(args.arch)
+            if limit is not None and shared > limit:
+                raise RuntimeError(
+                    f"uses {shared} B of shared memory, sm_{args.arch} allows {limit}"
+                )
+            print(f"ok   sm_{args.arch} {fn.fn.__name__}({shown}) {options} shared {shared} B")
+        except Exception as err:  # noqa: BLE001 - report every kernel, then fail
+            failures += 1
+            print(
+                f"FAIL sm_{args.arch} {fn.fn.__name__}({shown}) {options}: "
+                f"{type(err).__name__}: {str(err)[:400]}"
+            )
+    print(
+        f"compiled {len(seen)} kernel variants for sm_{args.arch} with Triton "
+        f"{triton.__version__} in {time.time() - started:.0f} s; {failures} failed"
+    )
+    return 1 if failures or not seen else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
