@@ -90,6 +90,16 @@ def _drive_ops() -> None:
 
     rewards = torch.rand(24, generator=gen)
     question_ids = torch.arange(6).repeat_interleave(4)
+
+    def launch_advantages(*args, **kwargs) -> None:
+        # The recorded launch does not run, so the outputs hold whatever torch.empty
+        # gave; the finiteness check on the member scores may then refuse them.
+        try:
+            advantages(*args, backend="triton", **kwargs)
+        except ValueError as err:
+            if "overflow float32" not in str(err):
+                raise
+
     risk = [
         {"estimator": "mvar"},
         {"estimator": "mvar", "form": "reference_code"},
@@ -99,12 +109,11 @@ def _drive_ops() -> None:
     ]
     for options in risk:
         for extra in ({}, {"center": True, "credit": "std", "score": "mean"}, {"normalize": False}):
-            advantages(rewards, question_ids, backend="triton", bundle_size=4, **options, **extra)
+            launch_advantages(rewards, question_ids, bundle_size=4, **options, **extra)
     for estimator in ("grpo", "dr_grpo", "rloo"):
-        advantages(rewards, question_ids, backend="triton", estimator=estimator)
-    tracker = QuantileTracker()
-    advantages(rewards, question_ids, backend="triton", quantile="tracker", tracker=tracker)
-    advantages(rewards[:6], torch.arange(6), backend="triton", bundle_size=3)  # G = 1
+        launch_advantages(rewards, question_ids, estimator=estimator)
+    launch_advantages(rewards, question_ids, quantile="tracker", tracker=QuantileTracker())
+    launch_advantages(rewards[:6], torch.arange(6), bundle_size=3)  # G = 1
 
 
 def _signature(fn: triton_jit.JITFunction, args: tuple, kwargs: dict):
