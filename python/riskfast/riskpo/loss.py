@@ -46,6 +46,32 @@ def _check_token_tensor(name: str, value: Any, logp: torch.Tensor) -> torch.Tens
     return value
 
 
+def _check_response_or_token(name: str, value: Any, logp: torch.Tensor) -> torch.Tensor:
+    """A real tensor of shape ``[N]`` (one value per response) or ``[N, T]``."""
+    value = require_tensor(name, value)
+    require_real(name, value)
+    require_same_device(name, value, "logp", logp)
+    if value.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(
+            f"{name}: expected shape [N] {tuple(logp.shape[:1])} or [N, T] "
+            f"{tuple(logp.shape)}, got {tuple(value.shape)}"
+        )
+    return value
+
+
+def _on_tokens(
+    name: str, value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[N]`` or ``[N, T]`` values as ``[N, T]`` (detached, 0 outside the response),
+    checked finite on the response tokens."""
+    value = value.detach().to(dtype)
+    if value.dim() == 1:
+        value = value[:, None].expand(mask.shape)
+    value = torch.where(mask, value, torch.zeros_like(value))
+    require_finite(name, value, mask)
+    return value
+
+
 def log_ratios(
     logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, ratio_level: str
 ) -> torch.Tensor:
@@ -191,14 +217,7 @@ def policy_loss(
     require_real("mask", mask)
     require_same_shape("mask", mask, "logp", logp)
     require_same_device("mask", mask, "logp", logp)
-    advantages = require_tensor("advantages", advantages)
-    require_real("advantages", advantages)
-    require_same_device("advantages", advantages, "logp", logp)
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(
-            f"advantages: expected shape [N] {tuple(logp.shape[:1])} or [N, T] "
-            f"{tuple(logp.shape)}, got {tuple(advantages.shape)}"
-        )
+    advantages = _check_response_or_token("advantages", advantages, logp)
     require_choice("ratio_level", ratio_level, RATIO_LEVELS)
     require_choice("agg", agg, AGG_MODES)
     eps_low = require_number("eps_low", eps_low, low=0.0)
@@ -220,34 +239,19 @@ def policy_loss(
     if num_items is not None:
         num_items = require_number("num_items", num_items, low=0.0, low_open=True)
     if token_weights is not None:
-        token_weights = require_tensor("token_weights", token_weights)
-        require_real("token_weights", token_weights)
-        require_same_device("token_weights", token_weights, "logp", logp)
-        if token_weights.shape not in (logp.shape[:1], logp.shape):
-            raise ValueError(
-                f"token_weights: expected shape [N] or [N, T] {tuple(logp.shape)}, "
-                f"got {tuple(token_weights.shape)}"
-            )
+        token_weights = _check_response_or_token("token_weights", token_weights, logp)
 
     mask = mask != 0
     dtype = _compute_dtype(logp, old_logp, ref_logp, entropy)
     logp = logp.to(dtype)
     old_logp = old_logp.detach().to(dtype)
-    token_advantages = advantages.detach().to(dtype)
-    if token_advantages.dim() == 1:
-        token_advantages = token_advantages[:, None].expand_as(logp)
-    token_advantages = torch.where(mask, token_advantages, torch.zeros_like(token_advantages))
-    require_finite("advantages", token_advantages, mask)
+    token_advantages = _on_tokens("advantages", advantages, mask, dtype)
 
     log_ratio = log_ratios(logp, old_logp, mask, ratio_level)
     ratio = torch.exp(log_ratio)
     pg, was_clipped, dual = clipped_surrogate(ratio, token_advantages, eps_low, eps_high, dual_clip)
     if token_weights is not None:
-        weights = token_weights.detach().to(dtype)
-        if weights.dim() == 1:
-            weights = weights[:, None].expand_as(pg)
-        require_finite("token_weights", weights, mask)
-        pg = pg * torch.where(mask, weights, torch.zeros_like(weights))
+        pg = pg * _on_tokens("token_weights", token_weights, mask, dtype)
     token_loss = pg
     kl = None
     if ref_logp is not None:
