@@ -64,29 +64,47 @@ def _dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
 
 @triton.jit
 def _logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, V, H,
+    hidden_ptr, weight_ptr, bias_ptr, rows_left, cols_left, H,
     stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Scaled logits ``z[BLOCK_N, BLOCK_V]`` (fp32) of ``rows`` x ``cols``; ``-inf`` where masked."""
-    row_mask = rows < N
-    col_mask = cols < V
+    """Scaled logits ``z[BLOCK_N, BLOCK_V]`` (fp32) of one tile; ``-inf`` where masked.
+
+    The pointers are already offset to the tile's first row and column (64-bit scalar
+    arithmetic in the caller); the tile's own offsets are 32-bit (the launcher checks
+    that ``BLOCK * stride`` fits), which keeps the pointer tiles out of the registers
+    that the accumulator and the softmax statistics need. ``rows_left`` and
+    ``cols_left`` are the valid rows and columns from the tile's start.
+    """
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    k = tl.arange(0, BLOCK_H)
+    row_mask = r < rows_left
+    col_mask = c < cols_left
+    h_ptrs = hidden_ptr + (r[:, None] * stride_hn + k[None, :] * stride_hh)
+    # weight tile loaded as [BLOCK_H, BLOCK_V] (transposed view, no copy)
+    w_ptrs = weight_ptr + (c[None, :] * stride_wv + k[:, None] * stride_wh)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        ks = h0 + tl.arange(0, BLOCK_H)
-        k_mask = ks < H
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
-        # weight tile loaded as [BLOCK_H, BLOCK_V] (transposed view, no copy)
-        w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(DOT_DTYPE)
+        k_mask = k < H - h0
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+        h_ptrs += BLOCK_H * stride_hh
+        w_ptrs += BLOCK_H * stride_wh
     if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
         acc += b[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     return tl.where(mask, acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def _local_targets(target, col0, BLOCK_V: tl.constexpr):
+    """``target - col0`` as int32 where it falls in ``[0, BLOCK_V)``, else ``-1``."""
+    local = target - col0
+    return tl.where((local >= 0) & (local < BLOCK_V), local, -1).to(tl.int32)
 
 
 @triton.jit
@@ -104,22 +122,28 @@ def _fused_fwd_partial_kernel(
     pid = tl.program_id(0)
     pid_n = pid // num_splits
     pid_s = pid % num_splits
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    hidden_ptr += row0 * stride_hn
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    c = tl.arange(0, BLOCK_V)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     w = tl.zeros([BLOCK_N], tl.float32)
     target_z = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, v_end, H,
+        z = _logits_tile(hidden_ptr, weight_ptr + v0 * stride_wv, bias_ptr + v0,
+                         rows_left, tl.minimum(v_end - v0, BLOCK_V).to(tl.int32), H,
                          stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
                          HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        target_z += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        # The target is picked out of the tile (no separate gather, no OOB access).
+        local = _local_targets(target, v0, BLOCK_V)
+        target_z += tl.sum(tl.where(c[None, :] == local[:, None], z, 0.0), axis=1)
         m_t, s_t, w_t = tile_stats(z)
         m, s, w = merge_stats(m, s, w, m_t, s_t, w_t)
 
@@ -175,8 +199,9 @@ def _fused_bwd_dlogits_kernel(
     pid = tl.program_id(0)
     pid_n = pid // num_v_blocks
     pid_v = pid % num_v_blocks
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    col0 = pid_v.to(tl.int64) * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -187,13 +212,20 @@ def _fused_bwd_dlogits_kernel(
     else:
         entropy = tl.zeros([BLOCK_N], tl.float32)
         grad_entropy = tl.zeros([BLOCK_N], tl.float32)
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, V, H,
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    cols_left = tl.minimum(V - col0, BLOCK_V).to(tl.int32)
+    z = _logits_tile(hidden_ptr + row0 * stride_hn, weight_ptr + col0 * stride_wv,
+                     bias_ptr + col0, rows_left, cols_left, H,
                      stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
                      HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    dz = dlogits_tile(z, cols[None, :] == target[:, None], lse, entropy, grad_logp,
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    local = _local_targets(target, col0, BLOCK_V)
+    dz = dlogits_tile(z, c[None, :] == local[:, None], lse, entropy, grad_logp,
                       grad_entropy, inv_temperature, HAS_GRAD_ENTROPY)
-    mask = row_mask[:, None] & (cols < V)[None, :]
-    tl.store(dz_ptr + rows[:, None] * stride_dn + cols[None, :],
+    mask = (r < rows_left)[:, None] & (c < cols_left)[None, :]
+    out = dz_ptr + row0 * stride_dn + col0
+    tl.store(out + (r[:, None] * stride_dn + c[None, :]),
              dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -237,10 +269,18 @@ def _matmul_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _tile_blocks() -> tuple[int, int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)`` of the logit tiles."""
+def _tile_blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)`` of the logit tiles.
+
+    On a GPU: 128 x 128 x 64 tiles, 8 warps, 3 stages for 16-bit operands (tensor-core
+    dots); 64 x 128 x 32 tiles and 2 stages for fp32, whose IEEE-precision dot needs more
+    registers (larger tiles or 3 stages spill on sm_90 with Triton 3.6 or 3.9:
+    ``tests/compile_kernels_for_gpu.py --no-spills``).
+    """
     if is_interpreting():
         return 32, 64, 64, 4, 1
+    if dtype == torch.float32:
+        return 64, 128, 32, 8, 2
     return 128, 128, 64, 8, 3
 
 
@@ -261,8 +301,10 @@ def matmul(
     dot_dtype, precision = _dot_config(a.dtype if a.dtype == b.dtype else torch.float32)
     if is_interpreting():
         bm, bn, bk, warps, stages = 64, 64, 64, 4, 1
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    else:  # the logit tiles' configuration (no spills on sm_90)
+        bm, bn, bk, warps, stages = _tile_blocks(
+            torch.float32 if dot_dtype == tl.float32 else a.dtype
+        )
     if k == 0:
         if not accumulate:
             out.zero_()
@@ -275,6 +317,20 @@ def matmul(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _fit_tile_offsets(t: torch.Tensor, block: int) -> torch.Tensor:
+    """``t``, or a contiguous copy of it when ``block * stride`` would overflow int32.
+
+    The kernels address a tile with 32-bit offsets from a 64-bit base pointer; a view
+    with a huge stride (over ``2**31 / 128`` elements) is copied first.
+    """
+    if max(t.stride(), default=0) * block < 2**31:
+        return t
+    t = t.contiguous()
+    if max(t.stride(), default=0) * block >= 2**31:
+        raise ValueError(f"a row of {t.shape[-1]} elements is too long for the kernels' tiles")
+    return t
 
 
 def _num_sms(device: torch.device) -> int:
@@ -296,7 +352,8 @@ def fused_linear_logprobs_forward(
 
     Args:
         hidden: ``[N, H]``; weight: ``[V, H]``; bias: ``[V]`` or ``None`` (same dtype,
-            bf16/fp16/fp32, any strides, not copied).
+            bf16/fp16/fp32, any strides; copied only when a stride times the tile size
+            overflows int32).
         targets: ``[N]`` integer in ``[0, V)`` (checked by the caller).
         inv_temperature: ``1 / temperature``.
         num_splits: vocabulary splits (default: enough programs for ~4 waves of SMs).
@@ -311,7 +368,9 @@ def fused_linear_logprobs_forward(
     entropy = torch.empty(n, device=dev, dtype=torch.float32)
     if n == 0:
         return logp, lse, entropy
-    bn, bv, bh, warps, stages = _tile_blocks()
+    bn, bv, bh, warps, stages = _tile_blocks(hidden.dtype)
+    hidden = _fit_tile_offsets(hidden, max(bn, bh))
+    weight = _fit_tile_offsets(weight, max(bv, bh))
     row_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
     if num_splits is None:
@@ -388,7 +447,9 @@ def fused_linear_logprobs_backward(
     targets = targets.contiguous()
     grad_logp = grad_logp.contiguous()
     grad_entropy = grad_entropy.contiguous() if has_grad_entropy else None
-    bn, bv, bh, warps, stages = _tile_blocks()
+    bn, bv, bh, warps, stages = _tile_blocks(hidden.dtype)
+    hidden = _fit_tile_offsets(hidden, max(bn, bh))
+    weight = _fit_tile_offsets(weight, max(bv, bh))
     v_blocks = triton.cdiv(v, bv)
     dz = torch.empty((min(chunk, n), v), device=dev, dtype=buf_dtype) if n else None
     for start in range(0, n, chunk):

@@ -118,16 +118,30 @@ def dlogits_tile(z, is_target, lse, entropy, grad_logp, grad_entropy, inv_temper
 
 
 @triton.jit
+def _column_offsets(cols, stride, WIDE_COLUMNS: tl.constexpr):
+    """Element offsets of the columns ``cols`` (int32) within a row.
+
+    32-bit unless ``(V - 1) * stride`` can overflow int32 (a transposed view of a large
+    tensor): narrow offsets keep the register count low, and with it the number of
+    programs each SM holds, which a memory-bound kernel needs.
+    """
+    if WIDE_COLUMNS:
+        return cols.to(tl.int64) * stride
+    return cols * stride
+
+
+@triton.jit
 def _selective_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
     N, V, stride_n, stride_v, inv_temperature,
     RETURN_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr,
 ):
     # One program per BLOCK_N rows (1-D grid: axis 0 has no 65,535 limit).
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     row_ptr = logits_ptr + rows * stride_n  # int64: N * V exceeds 2**31 at real sizes
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -135,9 +149,10 @@ def _selective_logprobs_fwd_kernel(
     w = tl.zeros([BLOCK_N], tl.float32)
     target_z = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cols = v0 + tl.arange(0, BLOCK_V)  # int32: V < 2**31
         mask = row_mask[:, None] & (cols < V)[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
+        x = tl.load(row_ptr[:, None] + _column_offsets(cols, stride_v, WIDE_COLUMNS)[None, :],
+                    mask=mask, other=0.0)
         z = tl.where(mask, x.to(tl.float32) * inv_temperature, float("-inf"))
         # The target is picked out of the tile (no separate gather, no OOB access).
         target_z += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
@@ -157,11 +172,12 @@ def _selective_logprobs_bwd_kernel(
     dlogits_ptr,
     N, V, stride_n, stride_v, stride_dn, stride_dv, inv_temperature,
     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     grad_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if HAS_GRAD_ENTROPY:
@@ -173,13 +189,14 @@ def _selective_logprobs_bwd_kernel(
     row_ptr = logits_ptr + rows * stride_n
     out_ptr = dlogits_ptr + rows * stride_dn
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cols = v0 + tl.arange(0, BLOCK_V)  # int32: V < 2**31
         mask = row_mask[:, None] & (cols < V)[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
+        x = tl.load(row_ptr[:, None] + _column_offsets(cols, stride_v, WIDE_COLUMNS)[None, :],
+                    mask=mask, other=0.0)
         z = tl.where(mask, x.to(tl.float32) * inv_temperature, float("-inf"))
         dz = dlogits_tile(z, cols[None, :] == target[:, None], lse, entropy, grad_logp,
                           grad_entropy, inv_temperature, HAS_GRAD_ENTROPY)
-        tl.store(out_ptr[:, None] + cols[None, :] * stride_dv,
+        tl.store(out_ptr[:, None] + _column_offsets(cols, stride_dv, WIDE_COLUMNS)[None, :],
                  dz.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -195,6 +212,11 @@ def _default_blocks(n: int, v: int, element_size: int) -> tuple[int, int, int]:
         return 16, min(triton.next_power_of_2(max(v, 16)), 256), 4
     block_v = min(triton.next_power_of_2(max(v, 16)), 8192 if element_size <= 2 else 4096)
     return 1, block_v, 8 if block_v >= 2048 else 4
+
+
+def _wide_columns(v: int, *strides: int) -> bool:
+    """True when a column offset ``(v - 1 + BLOCK) * stride`` may not fit in int32."""
+    return max(strides) * (v + 8192) >= 2**31
 
 
 def selective_logprobs_forward(
@@ -231,7 +253,8 @@ def selective_logprobs_forward(
     _selective_logprobs_fwd_kernel[(triton.cdiv(n, bn),)](
         logits, targets, logp, lse, entropy if entropy is not None else lse,
         n, v, logits.stride(0), logits.stride(1), float(inv_temperature),
-        RETURN_ENTROPY=return_entropy, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+        RETURN_ENTROPY=return_entropy, BLOCK_N=bn, BLOCK_V=bv,
+        WIDE_COLUMNS=_wide_columns(v, logits.stride(1)), num_warps=warps,
     )
     return logp, lse, entropy
 
@@ -282,6 +305,7 @@ def selective_logprobs_backward(
         dlogits,
         n, v, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
         float(inv_temperature),
-        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_N=bn, BLOCK_V=bv,
+        WIDE_COLUMNS=_wide_columns(v, logits.stride(1), dlogits.stride(1)), num_warps=warps,
     )
     return dlogits

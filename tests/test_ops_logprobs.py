@@ -139,9 +139,19 @@ def test_selective_gradient_of_entropy_alone(backend) -> None:
     _check_grad(leaf.grad, ref_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_selective_without_entropy_and_non_contiguous_logits(backend) -> None:
-    # A transposed view: the vocabulary stride is not 1.
+@pytest.mark.parametrize(
+    ("backend", "wide_columns"), [("triton", False), ("triton", True), ("torch", False)]
+)
+def test_selective_without_entropy_and_non_contiguous_logits(
+    backend, wide_columns, monkeypatch
+) -> None:
+    # A transposed view: the vocabulary stride is not 1. With wide_columns the kernels
+    # take their 64-bit column-offset path, the one a transposed view of more than
+    # 2**31 / V tokens needs (too large to allocate in a test, so it is forced here).
+    forced: list[int] = []
+    if wide_columns:
+        module = _load_kernels().selective_logprobs
+        monkeypatch.setattr(module, "_wide_columns", lambda v, *strides: forced.append(v) or True)
     base, targets = _selective_case(12, 301, torch.float32, seed=6)
     logits = base.T.contiguous().T
     assert not logits.is_contiguous()
@@ -153,6 +163,7 @@ def test_selective_without_entropy_and_non_contiguous_logits(backend) -> None:
     _check_values(logp, ref_logp, torch.float32)
     (logp.double() * g.double()).sum().backward()
     _check_grad(leaf.grad, ref_grad, torch.float32)
+    assert forced == ([301, 301] if wide_columns else [])  # forward and backward launches
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,6 +301,75 @@ def test_fused_frozen_weight_gives_hidden_gradient_only(backend) -> None:
     (logp.double() * g.double()).sum().backward()
     assert weight.grad is None and bias.grad is None
     _check_grad(leaf.grad, ref_grads[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_strided_views_match_reference(backend) -> None:
+    # hidden: every other column of a wider buffer (row stride 2H, column stride 2);
+    # weight: a transposed view (stride (1, V)). Neither is copied by the caller.
+    n, h, v = 21, 24, 75
+    hidden, weight, bias, targets = _fused_case(n, h, v, torch.float32, seed=40, bias=True)
+    g, g_h = _weights(n, seed=41)
+    ref_logp, ref_ent, ref_grads = _fused_ref(hidden, weight, bias, targets, 1.0, g, g_h)
+    wide = torch.zeros(n, 2 * h, device=DEVICE)
+    wide[:, ::2] = hidden
+    h_leaf = wide.requires_grad_(True)
+    w_leaf = weight.T.contiguous().requires_grad_(True)
+    logp, entropy = fused_linear_logprobs(
+        h_leaf[:, ::2], w_leaf.T, targets, bias=bias, return_entropy=True, chunk_size=8,
+        backend=backend,
+    )
+    _check_values(logp, ref_logp, torch.float32)
+    _check_values(entropy, ref_ent, torch.float32)
+    _loss(logp, entropy, g, g_h).backward()
+    _check_grad(h_leaf.grad[:, ::2], ref_grads[0], torch.float32)
+    assert float(h_leaf.grad[:, 1::2].abs().max()) == 0.0
+    _check_grad(w_leaf.grad.T, ref_grads[1], torch.float32)
+
+
+def test_fused_kernel_copies_a_view_whose_stride_overflows_int32_tile_offsets() -> None:
+    # A row stride of 2**25 elements: 128 rows * stride > 2**31, so the kernels' 32-bit
+    # tile offsets would overflow; the launcher copies the view (spec: may copy,
+    # says so). Only the touched pages of the 128 MiB buffer are allocated.
+    n, h, v = 3, 16, 40
+    hidden, weight, _, targets = _fused_case(n, h, v, torch.float32, seed=42, bias=False)
+    g, g_h = _weights(n, seed=43)
+    ref_logp, ref_ent, ref_grads = _fused_ref(hidden, weight, None, targets, 1.0, g, g_h)
+    strided = torch.empty_strided((n, h), (2**25, 1), device=DEVICE)
+    strided.copy_(hidden)
+    assert strided.stride(0) * 128 >= 2**31
+    leaf = strided.requires_grad_(True)
+    logp, entropy = fused_linear_logprobs(
+        leaf, weight, targets, return_entropy=True, backend="triton"
+    )
+    _check_values(logp, ref_logp, torch.float32)
+    _check_values(entropy, ref_ent, torch.float32)
+    _loss(logp, entropy, g, g_h).backward()
+    _check_grad(leaf.grad, ref_grads[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_matches_liger_fused_linear_cross_entropy(backend) -> None:
+    # An independent public implementation: Liger's fused linear cross-entropy with
+    # reduction="none" returns -log p(target) per token (its Triton kernels run on the
+    # CPU interpreter too). Values and gradients to hidden and weight must agree.
+    liger = pytest.importorskip(
+        "liger_kernel.ops.fused_linear_cross_entropy",
+        reason="liger-kernel is not installed (it is in the [test] extra)",
+    ).LigerFusedLinearCrossEntropyFunction
+    n, h, v = 19, 40, 150
+    hidden, weight, _, targets = _fused_case(n, h, v, torch.float32, seed=44, bias=False)
+    g, _ = _weights(n, seed=45)
+    ours = [x.clone().requires_grad_(True) for x in (hidden, weight)]
+    theirs = [x.clone().requires_grad_(True) for x in (hidden, weight)]
+    logp = fused_linear_logprobs(ours[0], ours[1], targets, chunk_size=8, backend=backend)
+    loss = liger.apply(theirs[0], theirs[1], targets, None, None, -100, 0.0, 0.0, "none")[0]
+    assert loss.shape == (n,)
+    _check_values(logp, -loss.detach(), torch.float32)
+    (logp * g).sum().backward()
+    (-loss * g).sum().backward()
+    for mine, public in zip(ours, theirs):
+        _check_grad(mine.grad, public.grad, torch.float32)
 
 
 def test_fused_chunk_size_does_not_change_the_result() -> None:
