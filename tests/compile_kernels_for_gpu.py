@@ -6,8 +6,20 @@ real ``@triton.jit`` functions (``TRITON_INTERPRET=0``), replaces the launch wit
 recorder, drives the public ops on small CPU tensors (forward and backward, every dtype
 the kernels take, every estimator of the bundle kernel, G = 1, K = 1), and compiles each
 recorded launch ahead of time for ``cuda:sm_<arch>`` through ptx to a cubin with the
-launch's own constexprs, ``num_warps`` and ``num_stages``. Integer arguments equal to 1
-are compiled as the constant 1, as Triton specialises them at launch.
+launch's own constexprs, ``num_warps`` and ``num_stages``, and specialised as a launch
+specialises it: integer arguments equal to 1 become the constant 1, and pointers
+aligned to 16 bytes and integers divisible by 16 carry ``tt.divisibility = 16`` (without
+that hint the compiler cannot use asynchronous copies for 16-bit operands, and the
+matmul loops are neither pipelined nor representative). The ops are driven at sizes
+that are multiples of 16 (as real hidden sizes and vocabularies are) and at odd ones,
+and the selective kernels at a real vocabulary (151,936), whose launch configuration
+differs from a small one's.
+
+For each compiled variant it reports registers per thread and spilled bytes (read
+from the cubin with the ``cuobjdump`` that ships inside Triton); ``--no-spills`` fails
+the run when a variant compiled at model sizes (multiples of 16) spills (local-memory
+stack), which on a GPU costs bandwidth in the inner loops; spills at odd sizes, where
+no asynchronous copies are possible anyway, are reported and tolerated.
 
 This catches what the CPU interpreter lets through (type errors in the Triton
 language, constexpr misuse, unsupported operations, register or shared-memory
@@ -20,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,11 +67,14 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 # over it compiles but fails at launch ("out of resource: shared memory").
 MAX_SHARED_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}
 
-recorded: list[tuple[triton_jit.JITFunction, tuple, dict]] = []
+recorded: list[tuple[triton_jit.JITFunction, tuple, dict, str]] = []
+# "model": sizes that are multiples of 16, as real hidden sizes and vocabularies are;
+# "odd": sizes that are not (the alignment specialisation is lost).
+phase = ["odd"]
 
 
 def _record(self, *args, grid, warmup, **kwargs):  # replaces JITFunction.run
-    recorded.append((self, args, kwargs))
+    recorded.append((self, args, kwargs, phase[0]))
 
 
 def _drive_ops() -> None:
@@ -87,6 +105,23 @@ def _drive_ops() -> None:
         )
         (logp.sum() + entropy.sum()).backward()
         fused_linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+        # Sizes that are multiples of 16, as real models' are (alignment specialisation).
+        phase[0] = "model"
+        hidden = torch.randn(32, 64, generator=gen).to(dtype).requires_grad_(True)
+        weight = torch.randn(160, 64, generator=gen).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 160, (32,), generator=gen)
+        logp, entropy = fused_linear_logprobs(
+            hidden, weight, targets, return_entropy=True, backend="triton"
+        )
+        (logp.sum() + entropy.sum()).backward()
+        fused_linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+        # A real vocabulary: the selective kernels' block size depends on it.
+        logits = torch.randn(2, 151936, generator=gen).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 151936, (2,), generator=gen)
+        logp, entropy = selective_logprobs(logits, targets, return_entropy=True, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        selective_logprobs(logits, targets, backend="triton").sum().backward()
+        phase[0] = "odd"
 
     rewards = torch.rand(24, generator=gen)
     question_ids = torch.arange(6).repeat_interleave(4)
@@ -116,12 +151,16 @@ def _drive_ops() -> None:
     launch_advantages(rewards[:6], torch.arange(6), bundle_size=3)  # G = 1
 
 
+DIVISIBILITY = [["tt.divisibility", 16]]
+
+
 def _signature(fn: triton_jit.JITFunction, args: tuple, kwargs: dict):
-    """Triton signature strings and constexpr values of one recorded launch."""
+    """Triton signature strings, constexpr values and alignment attributes of a launch."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
     signature: dict[str, str] = {}
     constexprs: dict[tuple[int, ...], object] = {}
+    attrs: dict[tuple[int, ...], list] = {}
     for index, param in enumerate(fn.params):
         value = bound[param.name]
         if param.is_constexpr or value is None or (type(value) is int and value == 1):
@@ -129,20 +168,49 @@ def _signature(fn: triton_jit.JITFunction, args: tuple, kwargs: dict):
             constexprs[(index,)] = value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + POINTER_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = DIVISIBILITY
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
             signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = DIVISIBILITY
         elif isinstance(value, float):
             signature[param.name] = "fp32"
         else:
             raise TypeError(f"{fn.fn.__name__}: cannot type argument {param.name}={value!r}")
-    return signature, constexprs
+    return signature, constexprs, attrs
+
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resources(cubin: bytes) -> tuple[int, int] | None:
+    """``(registers per thread, spilled stack bytes)`` of a cubin, or None without cuobjdump."""
+    if not CUOBJDUMP.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
+    parser.add_argument(
+        "--no-spills",
+        action="store_true",
+        help="fail when a variant launched at model sizes spills registers",
+    )
     args = parser.parse_args()
     triton_jit.JITFunction.run = _record
     _drive_ops()
@@ -150,26 +218,35 @@ def main() -> int:
     seen: set[tuple] = set()
     failures = 0
     started = time.time()
-    for fn, call_args, kwargs in recorded:
-        signature, constexprs = _signature(fn, call_args, kwargs)
+    variants = []
+    model_sized: set[tuple] = set()
+    for fn, call_args, kwargs, launch_phase in recorded:
+        signature, constexprs, attrs = _signature(fn, call_args, kwargs)
         options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
         key = (
             fn.fn.__name__,
             tuple(signature.items()),
             tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+            tuple(sorted(attrs)),
             tuple(sorted(options.items())),
         )
-        if key in seen:
-            continue
-        seen.add(key)
+        if launch_phase == "model":
+            model_sized.add(key)
+        if key not in seen:
+            seen.add(key)
+            variants.append((key, fn, signature, constexprs, attrs, options))
+    for key, fn, signature, constexprs, attrs, options in variants:
         shown = ", ".join(
             f"{fn.arg_names[i[0]]}={v}"
             for i, v in constexprs.items()
             if fn.params[i[0]].is_constexpr
         )
+        aligned = "aligned" if len(attrs) == len(
+            [v for v in signature.values() if v != "constexpr"]
+        ) else f"{len(attrs)} aligned args"
         try:
             compiled = triton.compile(
-                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                 target=target,
                 options=options,
             )
@@ -179,7 +256,20 @@ def main() -> int:
                 raise RuntimeError(
                     f"uses {shared} B of shared memory, sm_{args.arch} allows {limit}"
                 )
-            print(f"ok   sm_{args.arch} {fn.fn.__name__}({shown}) {options} shared {shared} B")
+            resources = _resources(compiled.asm["cubin"])
+            if resources is None:
+                usage = "registers n/a"
+            else:
+                registers, spilled = resources
+                usage = f"{registers} registers, {spilled} B spilled"
+                if spilled and key not in model_sized:
+                    usage += " (odd sizes only: tolerated)"
+                elif spilled and args.no_spills:
+                    raise RuntimeError(f"spills {spilled} B of registers to local memory")
+            print(
+                f"ok   sm_{args.arch} {fn.fn.__name__}({shown}) {options} [{aligned}] "
+                f"shared {shared} B, {usage}"
+            )
         except Exception as err:  # noqa: BLE001 - report every kernel, then fail
             failures += 1
             print(
