@@ -1,349 +1,434 @@
-"""One prepared GPU check for the token log-prob kernels (issue 4, kernels 2 and 3).
+"""One prepared GPU check for riskfast's Triton kernels (issue 4): build, test, time.
 
-Run on a lent GPU machine from the repository root, after the package is importable
-(``pip install --no-build-isolation -e .`` or ``PYTHONPATH=python``)::
+Run on a lent GPU machine from the repository root (``scripts/gpu_session.sh`` wraps it
+with the wheels the machine lacks)::
 
-    python benchmarks/gpu_check.py            # tests + timings, < 5 min on an H100
-    python benchmarks/gpu_check.py --no-tests --no-compile   # timings only, quicker
+    python benchmarks/gpu_check.py --out "$OUT"     # build + tests + timings, < 5 min
+    python benchmarks/gpu_check.py --no-build --no-tests --no-compile   # timings only
+    python benchmarks/gpu_check.py --dry-run        # this script's logic on a CPU
 
-It builds nothing. Steps:
+Steps:
 
-1. ``pytest tests/test_ops_logprobs.py`` on CUDA with ``TRITON_INTERPRET=0`` (compiled
+1. build: ``pip install --no-build-isolation --no-deps -e .`` (scikit-build-core, the
+   CUDA parts of ``riskfast._C`` where nvcc and a CUDA torch exist), then
+   ``riskfast._C.build_info()``; on failure the source tree (``PYTHONPATH=python``)
+   is used and the status is non-zero;
+2. ``pytest`` of the kernel tests on CUDA with ``TRITON_INTERPRET=0`` (compiled
    kernels; the tests pick the GPU when one is present);
-2. a copy-bandwidth measurement (the spec asks to re-measure the ceiling);
-3. forward and backward times of the Triton kernels, the PyTorch reference and
-   ``torch.compile`` of the reference at the GPU shapes of ``spec/kernels.md`` (bf16),
-   and of the fused backward with both gradient-matmul engines (``tl.dot`` / cuBLAS);
-4. one table: shape, ms, achieved TB/s or TFLOP/s, fraction of the floor of
+3. a copy-bandwidth measurement (the spec asks to re-measure the ceiling);
+4. times (CUDA events, median) at the GPU shapes of ``spec/kernels.md``, bf16:
+   the Triton kernels, the PyTorch reference and ``torch.compile`` of it, forward,
+   backward and forward+backward; for the fused linear op also both engines of the
+   backward's gradient matmuls (``tl.dot`` / cuBLAS) and, when ``liger_kernel`` is
+   importable, Liger's fused linear cross-entropy with ``reduction="none"`` (whose
+   per-token loss is ``-logp``; also checked against ours), the public fused
+   implementation the spec's target names; then the bundle-advantages kernel;
+5. one table: shape, ms, achieved TB/s or TFLOP/s, fraction of the floor of
    ``spec/kernels.md`` (copy 3.0 TB/s on an H100, 4.3 TB/s on an H200; 800 TFLOP/s
-   bf16 dense), plus the peak extra CUDA memory of each variant.
+   bf16 dense), and the peak extra CUDA memory of each row. With ``--out DIR`` the
+   table is also written to ``DIR/gpu_check.md`` and the rows to ``DIR/gpu_check.json``.
 
-Without a CUDA device it prints a message and exits with status 0.
+``--dry-run`` runs every step but the build and the tests on the CPU (Triton
+interpreter, tiny fp32 shapes since the interpreter's bf16 is wrong, wall-clock timer,
+no ``torch.compile``; Liger's kernels run on the interpreter too) so that
+the script itself is tested in CI (``tests/test_gpu_check_script.py``): the one GPU
+run a session gets must not be spent on a bug in this file. Without a CUDA device and
+without ``--dry-run`` it prints a message and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ["TRITON_INTERPRET"] = "0"  # before anything imports triton
 
-SELECTIVE_SHAPES = [(4096, 32000), (16384, 151936)]
-FUSED_SHAPES = [(4096, 2048, 32000), (8192, 4096, 128256)]
+GPU_SHAPES = {
+    "selective": [(4096, 32000), (16384, 151936)],
+    "fused": [(4096, 2048, 32000), (8192, 4096, 128256)],
+    "advantages": [512, 4096],  # questions, 16 responses each, bundles of 5
+}
+DRY_RUN_SHAPES = {
+    "selective": [(48, 1000)],
+    "fused": [(48, 64, 1000)],
+    "advantages": [16],
+}
 TFLOPS_BF16 = 800e12
+BUNDLE_TARGET_S = 20e-6  # spec/kernels.md: < 20 us at N = 65,536 on an H100
+TEST_FILES = ["tests/test_ops_logprobs.py", "tests/test_kernel_bundle_advantages.py"]
 
 
 def _ceiling_bandwidth(name: str) -> float:
+    """Copy bandwidth of spec/kernels.md for the card (bytes read + written per s)."""
     return 4.3e12 if "H200" in name else 3.0e12
 
 
-def _run_tests() -> int:
+def _source_tree_env() -> dict[str, str]:
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO / "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/test_ops_logprobs.py",
-        "tests/test_kernel_bundle_advantages.py",
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-    ]
+    return env
+
+
+def _build() -> bool:
+    """Editable build of riskfast (``riskfast._C`` included); True when it worked."""
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+           "-e", str(REPO)]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=240, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, timeout=420, check=False)
+    print(f"build: exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
+    if proc.returncode != 0:
+        return False
+    probe = subprocess.run(
+        [sys.executable, "-c", "import riskfast._C as c, json; print(json.dumps(c.build_info()))"],
+        cwd="/", capture_output=True, text=True, timeout=120, check=False,
+    )
+    print(f"riskfast._C.build_info(): {probe.stdout.strip() or probe.stderr.strip()[-800:]}")
+    return probe.returncode == 0
+
+
+def _run_tests() -> int:
+    cmd = [sys.executable, "-m", "pytest", *TEST_FILES, "-q", "-p", "no:cacheprovider"]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=_source_tree_env(), timeout=240, check=False)
     print(f"tests: exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
     return proc.returncode
 
 
-def main() -> int:
+class Timer:
+    """Median milliseconds (CUDA events on a GPU, wall clock on a CPU) and peak memory."""
+
+    def __init__(self, torch, device, reps: int) -> None:
+        self.torch, self.device, self.reps = torch, device, reps
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def ms(self, fn: Callable[[], object]) -> float:
+        for _ in range(2):  # warm-up (compilation, autotuning, allocator)
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                a = self.torch.cuda.Event(enable_timing=True)
+                b = self.torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                self.sync()
+                times.append(a.elapsed_time(b))
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def peak_extra_mib(self, fn: Callable[[], object]) -> float:
+        """Peak CUDA memory above what was allocated before ``fn`` (NaN on a CPU)."""
+        if not self.cuda:
+            fn()
+            return float("nan")
+        self.sync()
+        base = self.torch.cuda.memory_allocated()
+        self.torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        return (self.torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def empty_cache(self) -> None:
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+
+class Table:
+    """Rows of the one table the script prints (and writes with ``--out``)."""
+
+    header = ("kernel", "shape", "variant", "ms", "achieved", "floor frac", "peak MiB")
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, object]] = []
+
+    def add(self, kernel: str, shape: str, variant: str, ms: float, achieved: str,
+            floor_frac: float, mem: float) -> None:
+        row = {"kernel": kernel, "shape": shape, "variant": variant, "ms": ms,
+               "achieved": achieved, "floor_frac": floor_frac, "peak_mib": mem}
+        self.rows.append(row)
+        print(" | ".join(self._cells(row)), flush=True)
+
+    @staticmethod
+    def _cells(row: dict[str, object]) -> tuple[str, ...]:
+        mem = row["peak_mib"]
+        return (str(row["kernel"]), str(row["shape"]), str(row["variant"]), f"{row['ms']:.3f}",
+                str(row["achieved"]), f"{row['floor_frac']:.2f}",
+                "-" if math.isnan(mem) else f"{mem:.0f}")  # NaN: not measured
+
+    def markdown(self) -> str:
+        cells = [self.header, *(self._cells(r) for r in self.rows)]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(self.header))]
+        lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(self.header, widths)) + " |",
+                 "| " + " | ".join("-" * w for w in widths) + " |"]
+        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+                  for r in cells[1:]]
+        return "\n".join(lines)
+
+
+def _rate(amount: float, ms: float, unit: str) -> str:
+    scale = 1e12
+    return f"{amount / (ms * 1e-3) / scale:.2f} {unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-build", action="store_true", help="skip the editable build")
     parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument("--no-liger", action="store_true", help="skip Liger's rows")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per row")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md/.json here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, Triton interpreter, tiny shapes: test this script")
+    args = parser.parse_args(argv)
+    # Before anything imports triton: compiled kernels on a GPU, the interpreter on a CPU.
+    os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to do (run it on a lent GPU machine).")
         return 0
+    started = time.time()
+    status = 0
+    if args.dry_run:
+        args.no_build = args.no_tests = args.no_compile = True
+        args.reps = 1
+    if not args.no_build and not _build():
+        status = 1
+    sys.path.insert(0, str(REPO / "python"))  # the source tree when the build is skipped
+
     import numpy
     import triton
 
-    sys.path.insert(0, str(REPO / "python"))
     from riskfast.ops import (
         fused_linear_logprobs,
         fused_linear_logprobs_reference,
         selective_logprobs,
         selective_logprobs_reference,
     )
+    from riskfast.ops.bundle_advantages import bundle_advantages as launch_bundle
     from riskfast.ops.logprobs import _load_kernels
+    from riskfast.riskpo import advantages as riskpo_advantages
+    from riskfast.riskpo.bundling import draw_bundling, group_layout, member_response_table
 
     fused_kernels = _load_kernels().fused_linear_logprobs
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    print(
-        f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
-        f"numpy {numpy.__version__}",
-        flush=True,
-    )
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(dev)
+    shapes = DRY_RUN_SHAPES if args.dry_run else GPU_SHAPES
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    dtype_name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+        "float32", "fp32")
+    print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
+          f"numpy {numpy.__version__}", flush=True)
     if triton.__version__.startswith("3.6") and tuple(
         int(x) for x in numpy.__version__.split(".")[:2]
     ) >= (2, 4):
-        print(
-            "WARNING: Triton 3.6 with numpy >= 2.4 breaks loops with run-time bounds "
-            "(see ENVIRONMENT.md); install numpy<2.4",
-            flush=True,
-        )
-    started = time.time()
-    status = 0
+        print("WARNING: Triton 3.6 with numpy >= 2.4 breaks loops with run-time bounds "
+              "(see ENVIRONMENT.md); install numpy<2.4", flush=True)
     if not args.no_tests:
-        status = _run_tests()
+        status = _run_tests() or status
 
-    def bench(fn: Callable[[], object]) -> float:
-        """Median ms of ``fn`` over ``args.reps`` runs (CUDA events), after 2 warm-ups."""
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+    timer = Timer(torch, dev, args.reps)
+    table = Table()
+    failures: list[str] = []
 
-    def peak_extra_mib(fn: Callable[[], object]) -> float:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    # Copy bandwidth (read + write of 2 GiB).
-    def measure_copy() -> float:
-        src = torch.empty(2**30, dtype=torch.float16, device=dev)
+    def copy_bandwidth() -> float:
+        """Device-to-device copy, bytes read + written per second (2 GiB on a GPU)."""
+        src = torch.empty(2**30 if timer.cuda else 2**22, dtype=torch.float16, device=dev)
         dst = torch.empty_like(src)
-        return 2 * src.numel() * 2 / (bench(lambda: dst.copy_(src)) * 1e-3)
+        return 2 * src.numel() * 2 / (timer.ms(lambda: dst.copy_(src)) * 1e-3)
 
-    copy_bw = measure_copy()
-    torch.cuda.empty_cache()
+    copy_bw = copy_bandwidth()
+    timer.empty_cache()
     ceiling = _ceiling_bandwidth(name)
-    print(
-        f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s measured "
-        f"(spec ceiling {ceiling / 1e12:.1f} TB/s)",
-        flush=True,
-    )
+    print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s measured "
+          f"(spec ceiling {ceiling / 1e12:.1f} TB/s)", flush=True)
 
-    rows: list[tuple[str, ...]] = []
-
-    def add(
-        kernel: str, shape: str, variant: str, ms: float, rate: str, frac: float, mem: float
-    ) -> None:
-        rows.append((kernel, shape, variant, f"{ms:.3f}", rate, f"{frac:.2f}", f"{mem:.0f}"))
-        print(" | ".join(rows[-1]), flush=True)
-
-    def variants(op, ref):
-        out = [("triton", op), ("reference", ref)]
-        if not args.no_compile:
-            out.append(("torch.compile(reference)", torch.compile(ref, dynamic=False)))
-        return out
+    liger = None
+    if not args.no_liger:
+        try:
+            from liger_kernel.ops.fused_linear_cross_entropy import (
+                LigerFusedLinearCrossEntropyFunction as liger,
+            )
+        except ImportError as err:
+            print(f"liger_kernel not importable ({err}): no Liger rows", flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(0)
-    failures = []
+
+    def timed_rows(kernel: str, shape: str, variant: str, forward: Callable[[], torch.Tensor],
+                   inputs: tuple[torch.Tensor, ...], g: torch.Tensor,
+                   amounts: tuple[float, float], unit: str, floor: Callable[[float], float],
+                   time_forward: bool = True) -> None:
+        """Forward, backward and forward+backward rows of one variant."""
+        try:
+            if time_forward:
+                ms = timer.ms(forward)
+                table.add(f"{kernel} fwd", shape, variant, ms, _rate(amounts[0], ms, unit),
+                          floor(amounts[0]) / ms, timer.peak_extra_mib(forward))
+            out = forward()
+
+            def backward(out=out):
+                return torch.autograd.grad(out, inputs, g, retain_graph=True)
+
+            ms = timer.ms(backward)
+            table.add(f"{kernel} bwd", shape, variant, ms, _rate(amounts[1], ms, unit),
+                      floor(amounts[1]) / ms, timer.peak_extra_mib(backward))
+            del out, backward
+
+            def both():
+                return torch.autograd.grad(forward(), inputs, g)
+
+            total = amounts[0] + amounts[1]
+            ms = timer.ms(both)
+            table.add(f"{kernel} fwd+bwd", shape, variant, ms, _rate(total, ms, unit),
+                      floor(total) / ms, timer.peak_extra_mib(both))
+        except Exception as err:  # noqa: BLE001 - report and go on: one table
+            print(f"{kernel} {shape} {variant}: FAILED {type(err).__name__}: {err}", flush=True)
+            failures.append(f"{kernel} {shape} {variant}")
+        timer.empty_cache()
 
     def run_selective(n: int, v: int) -> None:
-        """Selective log-probs from logits (memory bound): reads N*V*2 bytes forward,
-        twice that backward (read logits, write dlogits)."""
-        logits = torch.randn(n, v, device=dev, generator=gen, dtype=torch.bfloat16)
+        """Memory bound: forward reads the N*V logits once (2 bytes each in bf16),
+        backward reads them again and writes dlogits."""
+        logits = torch.randn(n, v, device=dev, generator=gen).to(dtype)
         logits.requires_grad_(True)
         targets = torch.randint(0, v, (n,), device=dev, generator=gen)
         g = torch.randn(n, device=dev, generator=gen)
-        fwd_bytes, bwd_bytes = n * v * 2, 2 * n * v * 2
-        shape = f"N={n} V={v} bf16"
-        for variant, fn in variants(
-            lambda x: selective_logprobs(x, targets, backend="triton"),
-            lambda x: selective_logprobs_reference(x, targets),
-        ):
-            try:
-                ms = bench(lambda fn=fn: fn(logits))
-                mem = peak_extra_mib(lambda fn=fn: fn(logits))
-                add(
-                    "selective fwd",
-                    shape,
-                    variant,
-                    ms,
-                    f"{fwd_bytes / (ms * 1e-3) / 1e12:.2f} TB/s",
-                    fwd_bytes / ceiling / (ms * 1e-3),
-                    mem,
-                )
-                out = fn(logits)
-
-                def grad(out=out):
-                    return torch.autograd.grad(out, logits, g, retain_graph=True)
-
-                ms = bench(grad)
-                mem = peak_extra_mib(grad)
-                add(
-                    "selective bwd",
-                    shape,
-                    variant,
-                    ms,
-                    f"{bwd_bytes / (ms * 1e-3) / 1e12:.2f} TB/s",
-                    bwd_bytes / ceiling / (ms * 1e-3),
-                    mem,
-                )
-                del out, grad
-            except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"selective {shape} {variant}: FAILED {type(err).__name__}: {err}")
-                failures.append(f"selective {shape} {variant}")
-            torch.cuda.empty_cache()
+        shape = f"N={n} V={v} {dtype_name}"
+        variants = [
+            ("triton", lambda: selective_logprobs(logits, targets, backend="triton")),
+            ("reference", lambda: selective_logprobs_reference(logits, targets)),
+        ]
+        if not args.no_compile:
+            compiled = torch.compile(selective_logprobs_reference, dynamic=False)
+            variants.append(("torch.compile(reference)", lambda: compiled(logits, targets)))
+        for variant, forward in variants:
+            timed_rows("selective", shape, variant, forward, (logits,), g,
+                       (n * v * logits.element_size(), 2 * n * v * logits.element_size()),
+                       "TB/s", lambda b: b / ceiling * 1e3)
 
     def run_fused(n: int, h: int, v: int) -> None:
-        """Fused linear log-probs (matrix bound): 2NHV forward, 6NHV backward."""
-        hidden = torch.randn(n, h, device=dev, generator=gen, dtype=torch.bfloat16)
-        weight = (torch.randn(v, h, device=dev, generator=gen) * h**-0.5).to(torch.bfloat16)
+        """Matrix bound: 2NHV forward, 6NHV backward with recomputation (8NHV in all)."""
+        hidden = torch.randn(n, h, device=dev, generator=gen).to(dtype)
+        weight = (torch.randn(v, h, device=dev, generator=gen) * h**-0.5).to(dtype)
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
         targets = torch.randint(0, v, (n,), device=dev, generator=gen)
         g = torch.randn(n, device=dev, generator=gen)
         flop = 2 * n * h * v
-        shape = f"N={n} H={h} V={v} bf16"
+        shape = f"N={n} H={h} V={v} {dtype_name}"
 
-        def fused_op(x, w):
-            return fused_linear_logprobs(x, w, targets, backend="triton")
+        def floor(flop_count: float) -> float:
+            """Milliseconds at the bf16 matrix ceiling."""
+            return flop_count / TFLOPS_BF16 * 1e3
 
-        variant_list = [
-            (name_, fn_, "triton", True)
-            for name_, fn_ in variants(
-                fused_op, lambda x, w: fused_linear_logprobs_reference(x, w, targets)
-            )
+        def ours():
+            return fused_linear_logprobs(hidden, weight, targets, backend="triton")
+
+        variants: list[tuple[str, Callable[[], torch.Tensor], str, bool]] = [
+            ("triton", ours, "triton", True),
+            ("triton, cuBLAS grad matmuls", ours, "torch", False),
+            ("reference", lambda: fused_linear_logprobs_reference(hidden, weight, targets),
+             "triton", True),
         ]
-        # the same kernels with cuBLAS for the two gradient matmuls (backward only)
-        variant_list.insert(1, ("triton, cuBLAS grad matmuls", fused_op, "torch", False))
-        for variant, fn, engine, time_forward in variant_list:
+        if not args.no_compile:
+            compiled = torch.compile(fused_linear_logprobs_reference, dynamic=False)
+            variants.append(("torch.compile(reference)", lambda: compiled(hidden, weight, targets),
+                             "triton", True))
+        if liger is not None:
+            def liger_logp():
+                loss = liger.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]
+                return -loss
+
+            with torch.no_grad():
+                gap = float((liger_logp() - ours()).abs().max())
+            print(f"liger vs riskfast log-probs at {shape}: max abs difference {gap:.2e}")
+            if not gap < 1e-2:
+                failures.append(f"liger disagrees with riskfast at {shape}: {gap:.2e}")
+            variants.append(("liger FLCE (reduction=none)", liger_logp, "triton", True))
+        for variant, forward, engine, time_forward in variants:
             fused_kernels.MATMUL_BACKEND = engine
             try:
-                if time_forward:
-                    ms = bench(lambda fn=fn: fn(hidden, weight))
-                    mem = peak_extra_mib(lambda fn=fn: fn(hidden, weight))
-                    add(
-                        "fused fwd",
-                        shape,
-                        variant,
-                        ms,
-                        f"{flop / (ms * 1e-3) / 1e12:.0f} TFLOP/s",
-                        flop / TFLOPS_BF16 / (ms * 1e-3),
-                        mem,
-                    )
-                out = fn(hidden, weight)
-
-                def grad(out=out):
-                    return torch.autograd.grad(out, (hidden, weight), g, retain_graph=True)
-
-                ms = bench(grad)
-                mem = peak_extra_mib(grad)
-                # Floor: 6NHV with recomputation (8NHV in all, spec/kernels.md).
-                add(
-                    "fused bwd",
-                    shape,
-                    variant,
-                    ms,
-                    f"{3 * flop / (ms * 1e-3) / 1e12:.0f} TFLOP/s",
-                    3 * flop / TFLOPS_BF16 / (ms * 1e-3),
-                    mem,
-                )
-                del out, grad
-            except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"fused {shape} {variant}: FAILED {type(err).__name__}: {err}")
-                failures.append(f"fused {shape} {variant}")
+                timed_rows("fused", shape, variant, forward, (hidden, weight), g,
+                           (flop, 3 * flop), "TFLOP/s", floor,
+                           time_forward=time_forward)
             finally:
                 fused_kernels.MATMUL_BACKEND = "triton"
-            torch.cuda.empty_cache()
 
-    for n, v in SELECTIVE_SHAPES:
-        run_selective(n, v)
-        torch.cuda.empty_cache()
-    for n, h, v in FUSED_SHAPES:
-        run_fused(n, h, v)
-        torch.cuda.empty_cache()
-    if failures:
-        status = status or 1
-
-    # Bundle advantages (kernel 1): one launch; the floor is launch latency (< 20 us
-    # target at N = 65,536). Timed through riskfast.riskpo.advantages (validation, the
-    # bundling draw and the metrics included) and the kernel launch alone.
-    from riskfast.ops.bundle_advantages import bundle_advantages as launch_bundle
-    from riskfast.riskpo import advantages as riskpo_advantages
-    from riskfast.riskpo.bundling import draw_bundling, group_layout, member_response_table
-
-    options = {
-        "estimator": "mvar",
-        "form": "paper",
-        "alpha": 0.2,
-        "beta": 0.8,
-        "omega": 0.5,
-        "w_mix": 1.5,
-        "natural_baseline": True,
-        "w_upper": 1.5,
-        "score_mean": False,
-        "normalize": True,
-        "center": False,
-        "credit_std": False,
-    }
-
-    def time_advantages(rewards: torch.Tensor, question_ids: torch.Tensor, backend: str) -> float:
-        return bench(
-            lambda: riskpo_advantages(
-                rewards,
-                question_ids,
-                backend=backend,
-                generator=torch.Generator(dev).manual_seed(0),
-            )
-        )
-
-    for questions in (512, 4096):
+    def run_advantages(questions: int) -> None:
+        """One launch; the floor is launch latency (< 20 us target at N = 65,536)."""
         rewards = (torch.rand(questions * 16, device=dev, generator=gen) < 0.4).float()
         question_ids = torch.arange(questions, device=dev).repeat_interleave(16)
         shape = f"N={questions}x16 B=5"
-        for backend in ("triton", "torch"):
-            ms = time_advantages(rewards, question_ids, backend)
-            add("bundle advantages", shape, f"{backend} (advantages())", ms, "-", 0.020 / ms, 0.0)
-        layout = group_layout(question_ids)
-        bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
-        table = member_response_table(layout, bundling)
-        kept = torch.ones(table.shape[0], dtype=torch.bool, device=dev)
-        ms = bench(partial(launch_bundle, rewards, table, kept, None, **options))
-        add("bundle advantages", shape, "triton launch only", ms, "-", 0.020 / ms, 0.0)
+        target_ms = BUNDLE_TARGET_S * 1e3
+        try:
+            for backend in ("triton", "torch"):
+                ms = timer.ms(lambda backend=backend: riskpo_advantages(
+                    rewards, question_ids, backend=backend,
+                    generator=torch.Generator(dev).manual_seed(0)))
+                table.add("bundle advantages", shape, f"{backend} (advantages())", ms, "-",
+                          target_ms / ms, float("nan"))
+            layout = group_layout(question_ids)
+            bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
+            members = member_response_table(layout, bundling)
+            kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
+            options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
+                       "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
+                       "score_mean": False, "normalize": True, "center": False,
+                       "credit_std": False}
+            ms = timer.ms(lambda: launch_bundle(rewards, members, kept, None, **options))
+            table.add("bundle advantages", shape, "triton launch only", ms, "-",
+                      target_ms / ms, float("nan"))
+        except Exception as err:  # noqa: BLE001 - report and go on: one table
+            print(f"bundle advantages {shape}: FAILED {type(err).__name__}: {err}", flush=True)
+            failures.append(f"bundle advantages {shape}")
 
-    header = ("kernel", "shape", "variant", "ms", "achieved", "floor frac", "peak MiB")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(
-        f"\n{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
-        f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; "
-        f"fused bwd counts 6NHV); measured copy {copy_bw / 1e12:.2f} TB/s"
-    )
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("| " + " | ".join("-" * w for w in widths) + " |")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    for n, v in shapes["selective"]:
+        run_selective(n, v)
+    for n, h, v in shapes["fused"]:
+        run_fused(n, h, v)
+    for questions in shapes["advantages"]:
+        run_advantages(questions)
+    if failures:
+        status = status or 1
+
+    caption = (f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
+               f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
+               f"bwd counts 6NHV; bundle advantages: 20 us target / measured); measured copy "
+               f"{copy_bw / 1e12:.2f} TB/s")
+    print(f"\n{caption}\n{table.markdown()}")
+    if failures:
+        print("failed rows:", "; ".join(failures))
     print(f"\ngpu_check: done in {time.time() - started:.0f} s, status {status}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.md").write_text(f"{caption}\n\n{table.markdown()}\n")
+        summary = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                   "copy_bandwidth_tb_s": copy_bw / 1e12, "status": status,
+                   "failures": failures, "rows": table.rows}
+        (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
     return status
 
 

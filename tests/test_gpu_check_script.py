@@ -1,0 +1,51 @@
+"""``benchmarks/gpu_check.py`` itself, run on the CPU with ``--dry-run``.
+
+A session that is lent a GPU gets 15 minutes of it and runs this script once; a bug in
+the script's own logic (a wrong keyword, a row that never gets timed, an output file
+that is not written) would waste that run. The dry run takes every path the GPU run
+takes except the build, the pytest subprocess, CUDA events and ``torch.compile``:
+the Triton kernels run on the interpreter at tiny fp32 shapes, Liger's rows included
+when ``liger_kernel`` is installed (it is in the ``[test]`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )
+    report = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, report
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["status"] == 0 and summary["failures"] == [], report
+    rows = {(r["kernel"], r["variant"]) for r in summary["rows"]}
+    expected = set()
+    for kernel in ("selective", "fused"):
+        for step in ("fwd", "bwd", "fwd+bwd"):
+            expected |= {(f"{kernel} {step}", "triton"), (f"{kernel} {step}", "reference")}
+    expected |= {("fused bwd", "triton, cuBLAS grad matmuls"),
+                 ("fused fwd+bwd", "triton, cuBLAS grad matmuls")}
+    expected |= {("bundle advantages", v) for v in
+                 ("triton (advantages())", "torch (advantages())", "triton launch only")}
+    if importlib.util.find_spec("liger_kernel") is not None:
+        expected |= {(f"fused {step}", "liger FLCE (reduction=none)")
+                     for step in ("fwd", "bwd", "fwd+bwd")}
+        assert "liger vs riskfast log-probs" in done.stdout, report
+    assert expected <= rows, f"missing rows {sorted(expected - rows)}\n{report}"
+    for row in summary["rows"]:
+        assert math.isfinite(row["ms"]) and row["ms"] > 0, row
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.count("\n| ") == len(summary["rows"]) + 2  # header, separator, rows
