@@ -22,7 +22,9 @@ Steps:
    backward's gradient matmuls (``tl.dot`` / cuBLAS) and, when ``liger_kernel`` is
    importable, Liger's fused linear cross-entropy with ``reduction="none"`` (whose
    per-token loss is ``-logp``; also checked against ours), the public fused
-   implementation the spec's target names; then the bundle-advantages kernel;
+   implementation the spec's target names; then the bundle-advantages kernel; then
+   (unless ``--no-sweep``) tile sweeps at the largest shapes: BLOCK_V of the selective
+   kernels and the fused op's logit-tile configuration, for the next tuning step;
 5. one table: shape, ms, achieved TB/s or TFLOP/s, fraction of the floor of
    ``spec/kernels.md`` (copy 3.0 TB/s on an H100, 4.3 TB/s on an H200; 800 TFLOP/s
    bf16 dense), and the peak extra CUDA memory of each row. With ``--out DIR`` the
@@ -61,6 +63,12 @@ DRY_RUN_SHAPES = {
     "fused": [(48, 64, 1000)],
     "advantages": [16],
 }
+# Tile sweeps at the largest shape, for the next tuning step (the defaults come first).
+# Fused configurations: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages), each free of
+# register spills on sm_90 at model sizes (checked ahead of time, bf16).
+SWEEP_SELECTIVE_BLOCK_V = [8192, 2048, 4096, 16384]
+SWEEP_FUSED_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3),
+                     (128, 128, 128, 8, 2)]
 TFLOPS_BF16 = 800e12
 BUNDLE_TARGET_S = 20e-6  # spec/kernels.md: < 20 us at N = 65,536 on an H100
 TEST_FILES = ["tests/test_ops_logprobs.py", "tests/test_kernel_bundle_advantages.py"]
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     parser.add_argument("--no-liger", action="store_true", help="skip Liger's rows")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweeps")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per row")
     parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md/.json here")
     parser.add_argument("--dry-run", action="store_true",
@@ -405,12 +414,92 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundle advantages {shape}: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append(f"bundle advantages {shape}")
 
+    kernels = _load_kernels()
+
+    def _check_same(what: str, out: torch.Tensor, first: torch.Tensor) -> None:
+        """A sweep configuration must give the default configuration's log-probs."""
+        gap = float((out - first).abs().max())
+        if not gap < 1e-3:
+            print(f"{what}: log-probs differ from the default configuration's by {gap:.2e}")
+            failures.append(f"{what}: differs by {gap:.2e}")
+
+    def sweep_selective(n: int, v: int) -> None:
+        """Forward (no entropy) and backward of the selective kernels per BLOCK_V."""
+        module = kernels.selective_logprobs
+        logits = torch.randn(n, v, device=dev, generator=gen).to(dtype)
+        targets = torch.randint(0, v, (n,), device=dev, generator=gen)
+        g = torch.randn(n, device=dev, generator=gen)
+        nbytes = n * v * logits.element_size()
+        shape = f"N={n} V={v} {dtype_name}"
+        first = None
+        for block_v in SWEEP_SELECTIVE_BLOCK_V:
+            try:
+                def forward(block_v=block_v):
+                    return module.selective_logprobs_forward(logits, targets, 1.0, False,
+                                                             block_v=block_v)
+
+                ms = timer.ms(forward)
+                table.add("sweep selective fwd", shape, f"BLOCK_V={block_v}", ms,
+                          _rate(nbytes, ms, "TB/s"), nbytes / ceiling * 1e3 / ms, float("nan"))
+                logp, lse, _ = forward()
+                first = logp if first is None else first
+                _check_same(f"sweep selective BLOCK_V={block_v}", logp, first)
+                ms = timer.ms(lambda block_v=block_v, lse=lse: module.selective_logprobs_backward(
+                    logits, targets, lse, None, g, None, 1.0, block_v=block_v))
+                table.add("sweep selective bwd", shape, f"BLOCK_V={block_v}", ms,
+                          _rate(2 * nbytes, ms, "TB/s"), 2 * nbytes / ceiling * 1e3 / ms,
+                          float("nan"))
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"sweep selective BLOCK_V={block_v}: FAILED {type(err).__name__}: {err}")
+                failures.append(f"sweep selective BLOCK_V={block_v}")
+        timer.empty_cache()
+
+    def sweep_fused(n: int, h: int, v: int) -> None:
+        """Forward and backward of the fused op per logit-tile configuration."""
+        module = kernels.fused_linear_logprobs
+        default_tiles = module._tile_blocks
+        hidden = torch.randn(n, h, device=dev, generator=gen).to(dtype).requires_grad_(True)
+        weight = (torch.randn(v, h, device=dev, generator=gen) * h**-0.5).to(dtype)
+        weight.requires_grad_(True)
+        targets = torch.randint(0, v, (n,), device=dev, generator=gen)
+        g = torch.randn(n, device=dev, generator=gen)
+        flop = 2 * n * h * v
+        shape = f"N={n} H={h} V={v} {dtype_name}"
+        first = None
+        for tiles in SWEEP_FUSED_TILES:
+            module._tile_blocks = lambda _dtype, tiles=tiles: tiles
+            try:
+                def forward():
+                    return fused_linear_logprobs(hidden, weight, targets, backend="triton")
+
+                ms = timer.ms(forward)
+                label = "x".join(map(str, tiles[:3])) + f" w{tiles[3]} s{tiles[4]}"
+                table.add("sweep fused fwd", shape, label, ms, _rate(flop, ms, "TFLOP/s"),
+                          flop / TFLOPS_BF16 * 1e3 / ms, float("nan"))
+                out = forward()
+                first = out.detach() if first is None else first
+                _check_same(f"sweep fused {label}", out.detach(), first)
+                ms = timer.ms(lambda out=out: torch.autograd.grad(
+                    out, (hidden, weight), g, retain_graph=True))
+                table.add("sweep fused bwd", shape, label, ms, _rate(3 * flop, ms, "TFLOP/s"),
+                          3 * flop / TFLOPS_BF16 * 1e3 / ms, float("nan"))
+                del out
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"sweep fused {tiles}: FAILED {type(err).__name__}: {err}")
+                failures.append(f"sweep fused {tiles}")
+            finally:
+                module._tile_blocks = default_tiles
+        timer.empty_cache()
+
     for n, v in shapes["selective"]:
         run_selective(n, v)
     for n, h, v in shapes["fused"]:
         run_fused(n, h, v)
     for questions in shapes["advantages"]:
         run_advantages(questions)
+    if not args.no_sweep:
+        sweep_selective(*shapes["selective"][-1])
+        sweep_fused(*shapes["fused"][-1])
     if failures:
         status = status or 1
 

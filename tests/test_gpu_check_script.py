@@ -40,6 +40,9 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
                  ("fused fwd+bwd", "triton, cuBLAS grad matmuls")}
     expected |= {("bundle advantages", v) for v in
                  ("triton (advantages())", "torch (advantages())", "triton launch only")}
+    expected |= {(f"sweep selective {step}", f"BLOCK_V={b}")
+                 for step in ("fwd", "bwd") for b in (2048, 4096, 8192, 16384)}
+    expected |= {(f"sweep fused {step}", "64x256x64 w8 s3") for step in ("fwd", "bwd")}
     if importlib.util.find_spec("liger_kernel") is not None:
         expected |= {(f"fused {step}", "liger FLCE (reduction=none)")
                      for step in ("fwd", "bwd", "fwd+bwd")}
