@@ -319,7 +319,7 @@ def matmul(
     return out
 
 
-def _fit_tile_offsets(t: torch.Tensor, block: int) -> torch.Tensor:
+def _fit_tile_offsets(t: torch.Tensor, block: int, name: str) -> torch.Tensor:
     """``t``, or a contiguous copy of it when ``block * stride`` would overflow int32.
 
     The kernels address a tile with 32-bit offsets from a 64-bit base pointer; a view
@@ -329,7 +329,10 @@ def _fit_tile_offsets(t: torch.Tensor, block: int) -> torch.Tensor:
         return t
     t = t.contiguous()
     if max(t.stride(), default=0) * block >= 2**31:
-        raise ValueError(f"a row of {t.shape[-1]} elements is too long for the kernels' tiles")
+        raise ValueError(
+            f"{name}: rows of {t.shape[-1]} elements are too long for the kernels' 32-bit "
+            "tile offsets"
+        )
     return t
 
 
@@ -369,8 +372,8 @@ def fused_linear_logprobs_forward(
     if n == 0:
         return logp, lse, entropy
     bn, bv, bh, warps, stages = _tile_blocks(hidden.dtype)
-    hidden = _fit_tile_offsets(hidden, max(bn, bh))
-    weight = _fit_tile_offsets(weight, max(bv, bh))
+    hidden = _fit_tile_offsets(hidden, max(bn, bh), "hidden")
+    weight = _fit_tile_offsets(weight, max(bv, bh), "weight")
     row_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
     if num_splits is None:
@@ -448,8 +451,8 @@ def fused_linear_logprobs_backward(
     grad_logp = grad_logp.contiguous()
     grad_entropy = grad_entropy.contiguous() if has_grad_entropy else None
     bn, bv, bh, warps, stages = _tile_blocks(hidden.dtype)
-    hidden = _fit_tile_offsets(hidden, max(bn, bh))
-    weight = _fit_tile_offsets(weight, max(bv, bh))
+    hidden = _fit_tile_offsets(hidden, max(bn, bh), "hidden")
+    weight = _fit_tile_offsets(weight, max(bv, bh), "weight")
     v_blocks = triton.cdiv(v, bv)
     dz = torch.empty((min(chunk, n), v), device=dev, dtype=buf_dtype) if n else None
     for start in range(0, n, chunk):

@@ -38,6 +38,7 @@ else
 fi
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown here (record the one the run was sent from)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 } 2>&1 | tee "$out/machine.txt"

@@ -348,6 +348,17 @@ def test_fused_kernel_copies_a_view_whose_stride_overflows_int32_tile_offsets() 
     _check_grad(leaf.grad, ref_grads[0], torch.float32)
 
 
+def test_fused_kernel_refuses_rows_too_long_for_its_tile_offsets_naming_the_argument() -> None:
+    # Even contiguous, 128 rows of 2**24 elements overflow int32 offsets: a clear error
+    # naming the argument instead of a wrong result (no real model is that wide).
+    fit = _load_kernels().fused_linear_logprobs._fit_tile_offsets
+    wide = torch.empty(1, 2**24, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="^hidden: rows of 16777216 elements"):
+        fit(wide, 128, "hidden")
+    narrow = torch.empty(4, 64)
+    assert fit(narrow, 128, "hidden") is narrow  # nothing copied when the offsets fit
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_matches_liger_fused_linear_cross_entropy(backend) -> None:
     # An independent public implementation: Liger's fused linear cross-entropy with
