@@ -336,6 +336,28 @@ def _fit_tile_offsets(t: torch.Tensor, block: int, name: str) -> torch.Tensor:
     return t
 
 
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}  # device type -> does torch.addmm take out_dtype?
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with 16-bit ``a``, ``b`` and an fp32 ``acc`` (cuBLAS).
+
+    Where torch has the mixed-precision ``addmm`` (``out_dtype``; CUDA) the product
+    accumulates into ``acc`` directly; elsewhere it falls back to a 16-bit product plus
+    its fp32 copy, two ``[V, H]`` temporaries. Which one ran is remembered per device
+    type; both are checked against the reference in the tests (the first on a GPU).
+    """
+    kind = acc.device.type
+    if _ADDMM_OUT_DTYPE.get(kind, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[kind] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[kind] = False
+    acc += (a @ b).float()
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -484,7 +506,7 @@ def fused_linear_logprobs_backward(
                 if acc_dtype == buf_dtype:
                     grad_weight.addmm_(dz_chunk.t(), h_chunk)
                 else:
-                    grad_weight += (dz_chunk.t() @ h_chunk).float()
+                    _addmm_fp32_(grad_weight, dz_chunk.t(), h_chunk)
         if grad_bias is not None:
             grad_bias += dz_chunk.sum(0, dtype=torch.float32)
     if grad_weight is not None and grad_weight.dtype != weight.dtype:
