@@ -149,6 +149,14 @@ def _drive_ops() -> None:
         launch_advantages(rewards, question_ids, estimator=estimator)
     launch_advantages(rewards, question_ids, quantile="tracker", tracker=QuantileTracker())
     launch_advantages(rewards[:6], torch.arange(6), bundle_size=3)  # G = 1
+    # Real group sizes: 16 and 64 responses per question, bundles of 5 questions.
+    phase[0] = "model"
+    for g in (16, 64):
+        question_ids = torch.arange(10).repeat_interleave(g)
+        rewards = torch.rand(10 * g, generator=gen)
+        launch_advantages(rewards, question_ids, bundle_size=5)
+        launch_advantages(rewards, question_ids, bundle_size=5, center=True, credit="std")
+    phase[0] = "odd"
 
 
 DIVISIBILITY = [["tt.divisibility", 16]]
