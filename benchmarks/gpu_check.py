@@ -93,7 +93,7 @@ def _build() -> bool:
            "-e", str(REPO)]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, timeout=420, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, timeout=240, check=False)
     print(f"build: exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
     if proc.returncode != 0:
         return False

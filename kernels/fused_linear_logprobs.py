@@ -320,15 +320,16 @@ def matmul(
 
 
 def _fit_tile_offsets(t: torch.Tensor, block: int, name: str) -> torch.Tensor:
-    """``t``, or a contiguous copy of it when ``block * stride`` would overflow int32.
+    """``t``, or a contiguous copy of it when a tile's offsets could overflow int32.
 
-    The kernels address a tile with 32-bit offsets from a 64-bit base pointer; a view
-    with a huge stride (over ``2**31 / 128`` elements) is copied first.
+    The kernels address a ``[block, block]`` tile with 32-bit offsets
+    ``i * stride(0) + j * stride(1)`` from a 64-bit base pointer; a view whose strides
+    make those reach ``2**31`` (over ``2**31 / 128`` elements) is copied first.
     """
-    if max(t.stride(), default=0) * block < 2**31:
+    if sum(t.stride()) * block < 2**31:
         return t
     t = t.contiguous()
-    if max(t.stride(), default=0) * block >= 2**31:
+    if sum(t.stride()) * block >= 2**31:
         raise ValueError(
             f"{name}: rows of {t.shape[-1]} elements are too long for the kernels' 32-bit "
             "tile offsets"
