@@ -93,14 +93,23 @@ def _build() -> bool:
            "-e", str(REPO)]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, timeout=240, check=False)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, timeout=240, check=False)
+    except subprocess.TimeoutExpired:
+        print("build: timed out after 240 s; going on with the source tree", flush=True)
+        return False
     print(f"build: exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
     if proc.returncode != 0:
         return False
-    probe = subprocess.run(
-        [sys.executable, "-c", "import riskfast._C as c, json; print(json.dumps(c.build_info()))"],
-        cwd="/", capture_output=True, text=True, timeout=120, check=False,
-    )
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "import riskfast._C as c, json; print(json.dumps(c.build_info()))"],
+            cwd="/", capture_output=True, text=True, timeout=120, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        print("riskfast._C: import timed out", flush=True)
+        return False
     print(f"riskfast._C.build_info(): {probe.stdout.strip() or probe.stderr.strip()[-800:]}")
     return probe.returncode == 0
 
@@ -109,7 +118,11 @@ def _run_tests() -> int:
     cmd = [sys.executable, "-m", "pytest", *TEST_FILES, "-q", "-p", "no:cacheprovider"]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=_source_tree_env(), timeout=240, check=False)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_source_tree_env(), timeout=240, check=False)
+    except subprocess.TimeoutExpired:
+        print("tests: timed out after 240 s; going on with the timings", flush=True)
+        return 1
     print(f"tests: exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
     return proc.returncode
 
