@@ -208,8 +208,8 @@ class Table:
 
 
 def _rate(amount: float, ms: float, unit: str) -> str:
-    scale = 1e12
-    return f"{amount / (ms * 1e-3) / scale:.2f} {unit}"
+    """``amount`` (bytes or flops) per ``ms`` milliseconds, in tera-units per second."""
+    return f"{amount / (ms * 1e-3) / 1e12:.2f} {unit}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s measured "
           f"(spec ceiling {ceiling / 1e12:.1f} TB/s)", flush=True)
 
+    def memory_floor_ms(nbytes: float) -> float:
+        """Milliseconds to move ``nbytes`` at the spec's copy bandwidth for this card."""
+        return nbytes / ceiling * 1e3
+
+    def matrix_floor_ms(flop: float) -> float:
+        """Milliseconds for ``flop`` at the spec's bf16 matrix ceiling."""
+        return flop / TFLOPS_BF16 * 1e3
+
     liger = None
     if not args.no_liger:
         try:
@@ -349,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant, forward in variants:
             timed_rows("selective", shape, variant, forward, (logits,), g,
                        (n * v * logits.element_size(), 2 * n * v * logits.element_size()),
-                       "TB/s", lambda b: b / ceiling * 1e3)
+                       "TB/s", memory_floor_ms)
 
     def run_fused(n: int, h: int, v: int) -> None:
         """Matrix bound: 2NHV forward, 6NHV backward with recomputation (8NHV in all)."""
@@ -361,10 +369,6 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.randn(n, device=dev, generator=gen)
         flop = 2 * n * h * v
         shape = f"N={n} H={h} V={v} {dtype_name}"
-
-        def floor(flop_count: float) -> float:
-            """Milliseconds at the bf16 matrix ceiling."""
-            return flop_count / TFLOPS_BF16 * 1e3
 
         def ours():
             return fused_linear_logprobs(hidden, weight, targets, backend="triton")
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             fused_kernels.MATMUL_BACKEND = engine
             try:
                 timed_rows("fused", shape, variant, forward, (hidden, weight), g,
-                           (flop, 3 * flop), "TFLOP/s", floor,
+                           (flop, 3 * flop), "TFLOP/s", matrix_floor_ms,
                            time_forward=time_forward)
             finally:
                 fused_kernels.MATMUL_BACKEND = "triton"
@@ -453,14 +457,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 ms = timer.ms(forward)
                 table.add("sweep selective fwd", shape, f"BLOCK_V={block_v}", ms,
-                          _rate(nbytes, ms, "TB/s"), nbytes / ceiling * 1e3 / ms, float("nan"))
+                          _rate(nbytes, ms, "TB/s"), memory_floor_ms(nbytes) / ms, float("nan"))
                 logp, lse, _ = forward()
                 first = logp if first is None else first
                 _check_same(f"sweep selective BLOCK_V={block_v}", logp, first)
                 ms = timer.ms(lambda block_v=block_v, lse=lse: module.selective_logprobs_backward(
                     logits, targets, lse, None, g, None, 1.0, block_v=block_v))
                 table.add("sweep selective bwd", shape, f"BLOCK_V={block_v}", ms,
-                          _rate(2 * nbytes, ms, "TB/s"), 2 * nbytes / ceiling * 1e3 / ms,
+                          _rate(2 * nbytes, ms, "TB/s"), memory_floor_ms(2 * nbytes) / ms,
                           float("nan"))
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"sweep selective BLOCK_V={block_v}: FAILED {type(err).__name__}: {err}")
@@ -488,14 +492,14 @@ def main(argv: list[str] | None = None) -> int:
                 ms = timer.ms(forward)
                 label = "x".join(map(str, tiles[:3])) + f" w{tiles[3]} s{tiles[4]}"
                 table.add("sweep fused fwd", shape, label, ms, _rate(flop, ms, "TFLOP/s"),
-                          flop / TFLOPS_BF16 * 1e3 / ms, float("nan"))
+                          matrix_floor_ms(flop) / ms, float("nan"))
                 out = forward()
                 first = out.detach() if first is None else first
                 _check_same(f"sweep fused {label}", out.detach(), first)
                 ms = timer.ms(lambda out=out: torch.autograd.grad(
                     out, (hidden, weight), g, retain_graph=True))
                 table.add("sweep fused bwd", shape, label, ms, _rate(3 * flop, ms, "TFLOP/s"),
-                          3 * flop / TFLOPS_BF16 * 1e3 / ms, float("nan"))
+                          matrix_floor_ms(3 * flop) / ms, float("nan"))
                 del out
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"sweep fused {tiles}: FAILED {type(err).__name__}: {err}")

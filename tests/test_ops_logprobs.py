@@ -330,7 +330,7 @@ def test_fused_strided_views_match_reference(backend) -> None:
 def test_fused_kernel_copies_a_view_whose_stride_overflows_int32_tile_offsets() -> None:
     # A row stride of 2**25 elements: 128 rows * stride > 2**31, so the kernels' 32-bit
     # tile offsets would overflow; the launcher copies the view (spec: may copy,
-    # says so). Only the touched pages of the 128 MiB buffer are allocated.
+    # says so). Only the touched pages of the 256 MiB buffer (fp32) are allocated.
     n, h, v = 3, 16, 40
     hidden, weight, _, targets = _fused_case(n, h, v, torch.float32, seed=42, bias=False)
     g, g_h = _weights(n, seed=43)
