@@ -71,7 +71,8 @@ SWEEP_FUSED_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8
                      (128, 128, 128, 8, 2)]
 TFLOPS_BF16 = 800e12
 BUNDLE_TARGET_S = 20e-6  # spec/kernels.md: < 20 us at N = 65,536 on an H100
-TEST_FILES = ["tests/test_ops_logprobs.py", "tests/test_kernel_bundle_advantages.py"]
+TEST_FILES = ["tests/test_ops_logprobs.py", "tests/test_kernel_bundle_advantages.py",
+              "tests/test_riskpo_host_sync.py"]
 
 
 def _ceiling_bandwidth(name: str) -> float:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from riskfast.ops.bundle_advantages import bundle_advantages as launch_bundle
     from riskfast.ops.logprobs import _load_kernels
     from riskfast.riskpo import advantages as riskpo_advantages
-    from riskfast.riskpo.bundling import draw_bundling, group_layout, member_response_table
+    from riskfast.riskpo.bundling import consecutive_layout, draw_bundling, member_response_table
 
     fused_kernels = _load_kernels().fused_linear_logprobs
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -404,19 +405,33 @@ def main(argv: list[str] | None = None) -> int:
                 fused_kernels.MATMUL_BACKEND = "triton"
 
     def run_advantages(questions: int) -> None:
-        """One launch; the floor is launch latency (< 20 us target at N = 65,536)."""
-        rewards = (torch.rand(questions * 16, device=dev, generator=gen) < 0.4).float()
+        """One launch; the floor is launch latency (< 20 us target at N = 65,536).
+
+        ``advantages()`` rows: with ``question_ids`` (finding the questions reads them on
+        the host), with ``group_size`` (one host read: the value checks), and with
+        ``group_size, validate=False`` (no host read); then the launch alone.
+        """
+        n = questions * 16
+        rewards = (torch.rand(n, device=dev, generator=gen) < 0.4).float()
         question_ids = torch.arange(questions, device=dev).repeat_interleave(16)
         shape = f"N={questions}x16 B=5"
         target_ms = BUNDLE_TARGET_S * 1e3
+        calls = {
+            "question_ids": {"question_ids": question_ids},
+            "group_size": {"group_size": 16},
+            "group_size, validate=False": {"group_size": 16, "validate": False},
+        }
         try:
             for backend in ("triton", "torch"):
-                ms = timer.ms(lambda backend=backend: riskpo_advantages(
-                    rewards, question_ids, backend=backend,
-                    generator=torch.Generator(dev).manual_seed(0)))
-                table.add("bundle advantages", shape, f"{backend} (advantages())", ms, "-",
-                          target_ms / ms, float("nan"))
-            layout = group_layout(question_ids)
+                for label, call in calls.items():
+                    if backend == "torch" and label != "question_ids":
+                        continue
+                    ms = timer.ms(lambda backend=backend, call=call: riskpo_advantages(
+                        rewards, backend=backend,
+                        generator=torch.Generator(dev).manual_seed(0), **call))
+                    table.add("bundle advantages", shape, f"{backend} advantages({label})", ms,
+                              "-", target_ms / ms, float("nan"))
+            layout = consecutive_layout(n, 16, dev)
             bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
             members = member_response_table(layout, bundling)
             kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)

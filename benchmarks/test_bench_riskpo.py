@@ -48,6 +48,20 @@ def test_advantages_vectorised(benchmark, rollout) -> None:
     assert result.advantages.shape == rewards.shape
 
 
+def test_advantages_group_size_unvalidated(benchmark, rollout) -> None:
+    # The call that never waits for a CUDA device: layout from G, no value checks.
+    rewards, question_ids = rollout
+    benchmark.group = f"advantages N={rewards.numel() // GROUP}x{GROUP} B=5"
+    gen = torch.Generator()
+    result = benchmark(
+        lambda: advantages(
+            rewards, group_size=GROUP, validate=False, bundle_size=5, generator=gen.manual_seed(0)
+        )
+    )
+    reference = advantages(rewards, question_ids, bundle_size=5, generator=gen.manual_seed(0))
+    assert torch.equal(result.advantages, reference.advantages)
+
+
 def test_advantages_per_group_baseline(benchmark, rollout) -> None:
     rewards, question_ids = rollout
     benchmark.group = f"advantages N={rewards.numel() // GROUP}x{GROUP} B=5"

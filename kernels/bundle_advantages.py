@@ -169,7 +169,12 @@ def bundle_advantages_kernel(
         if NORMALIZE:
             values = values / (std + 1e-6)
     values = tl.where(in_g, values, 0.0)
-    values = tl.where(flat, 0.0, values)
+    # All-equal scores carry no signal (exactly 0); non-finite scores or quantiles (only
+    # reachable when the caller skipped validation) zero the bundle instead of NaN.
+    finite = tl.where(in_g, tl.abs(scores) < float("inf"), 1)
+    finite = (tl.min(finite.to(tl.int32), axis=0) > 0) & (tl.abs(q_alpha) < float("inf"))
+    finite = finite & (tl.abs(q_beta) < float("inf"))
+    values = tl.where(flat | (finite == 0), 0.0, values)
     if ESTIMATOR < 5:
         if CENTER:
             values = values - tl.sum(values, axis=0) / g_float
@@ -187,7 +192,7 @@ def bundle_advantages_kernel(
         row_mean = tl.sum(rewards, axis=1) / g_float
         row_dev = tl.where(valid, rewards - row_mean[:, None], 0.0)
         row_std = _std_of_deviations(row_dev, g_denominator, 1)
-        row_scale = tl.where(row_std < 1e-3, 1.0, row_std)
+        row_scale = tl.where((row_std >= 1e-3) & (row_std < float("inf")), row_std, 1.0)
         per_response = per_response / row_scale[:, None]
     tl.store(advantages_ptr + tl.where(valid, index, 0), per_response, mask=valid)
 

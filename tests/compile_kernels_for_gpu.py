@@ -128,12 +128,8 @@ def _drive_ops() -> None:
 
     def launch_advantages(*args, **kwargs) -> None:
         # The recorded launch does not run, so the outputs hold whatever torch.empty
-        # gave; the finiteness check on the member scores may then refuse them.
-        try:
-            advantages(*args, backend="triton", **kwargs)
-        except ValueError as err:
-            if "overflow float32" not in str(err):
-                raise
+        # gave; the rewards are small, so no check reads the member scores afterwards.
+        advantages(*args, backend="triton", **kwargs)
 
     risk = [
         {"estimator": "mvar"},

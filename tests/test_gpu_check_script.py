@@ -39,7 +39,9 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
     expected |= {("fused bwd", "triton, cuBLAS grad matmuls"),
                  ("fused fwd+bwd", "triton, cuBLAS grad matmuls")}
     expected |= {("bundle advantages", v) for v in
-                 ("triton (advantages())", "torch (advantages())", "triton launch only")}
+                 ("triton advantages(question_ids)", "triton advantages(group_size)",
+                  "triton advantages(group_size, validate=False)",
+                  "torch advantages(question_ids)", "triton launch only")}
     expected |= {(f"sweep selective {step}", f"BLOCK_V={b}")
                  for step in ("fwd", "bwd") for b in (2048, 4096, 8192, 16384)}
     expected |= {(f"sweep fused {step}", "64x256x64 w8 s3") for step in ("fwd", "bwd")}

@@ -146,3 +146,16 @@ def test_same_seed_modules_agree_and_explicit_bundling_is_honoured() -> None:
     torch.testing.assert_close(
         loss, forward(riskfast.RiskPOLoss(**ADVANTAGE_OPTIONS, seed=5), step)[0]
     )
+
+
+def test_group_size_equals_consecutive_question_ids_in_the_module() -> None:
+    step = make_step(1)
+    by_ids = riskfast.RiskPOLoss(**ADVANTAGE_OPTIONS, **LOSS_OPTIONS, seed=4)
+    by_size = riskfast.RiskPOLoss(**ADVANTAGE_OPTIONS, **LOSS_OPTIONS, seed=4)
+    consecutive = torch.arange(Q_COUNT).repeat_interleave(G)
+    args = (step["logp"], step["old_logp"], step["mask"], step["rewards"])
+    loss, metrics = by_ids(*args, consecutive)
+    loss_by_size, metrics_by_size = by_size(*args, group_size=G)
+    assert torch.equal(loss, loss_by_size)
+    assert metrics == metrics_by_size
+    assert torch.equal(by_ids.last_result.advantages, by_size.last_result.advantages)

@@ -400,11 +400,12 @@ class RiskPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def riskpo_advantages(
-        self, rewards: torch.Tensor, question_ids: torch.Tensor, *, train: bool = True
+        self, rewards: torch.Tensor, group_size: int, *, train: bool = True
     ) -> AdvantageResult:
         """RiskPO advantages of one generation batch (all processes' completions).
 
-        In training this advances the bundling generator and updates the tracker; in
+        ``rewards[N]`` are stored prompt by prompt, ``group_size`` completions each (TRL's
+        layout). In training this advances the bundling generator and updates the tracker; in
         evaluation a fresh generator seeded with ``bundle_seed`` is used and the tracker
         is read but not updated, so evaluating never changes a training run.
         """
@@ -415,8 +416,9 @@ class RiskPOTrainer(GRPOTrainer):
             tracker = copy.deepcopy(tracker)
         return compute_advantages(
             rewards.detach().float().cpu(),
-            question_ids.cpu(),
+            None,
             self.riskpo_options,
+            group_size=group_size,
             tracker=tracker,
             update_tracker=train,
             generator=generator,
@@ -444,8 +446,7 @@ class RiskPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"rewards: {total} completions is not a multiple of num_generations ({group})"
             )
-        question_ids = torch.arange(total, device=rewards.device) // group
-        result = self.riskpo_advantages(rewards, question_ids, train=mode == "train")
+        result = self.riskpo_advantages(rewards, group, train=mode == "train")
 
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
@@ -454,7 +455,7 @@ class RiskPOTrainer(GRPOTrainer):
         )
         self.riskpo_last = {
             "rewards": rewards.detach().cpu(),
-            "question_ids": question_ids.cpu(),
+            "question_ids": torch.arange(total) // group,
             "result": result,
             "grpo_advantages": output["advantages"].detach().cpu(),
             "advantages": own.detach().cpu(),

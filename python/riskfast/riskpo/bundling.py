@@ -8,6 +8,10 @@ rewards of a member's responses.
 Everything here is vectorised; there is no Python loop over questions or bundles.
 Questions are numbered 0..Q-1 in order of first appearance in ``question_ids``, and
 the responses of a question are numbered 0..G-1 ("positions") in input order.
+
+Host synchronisation: :func:`group_layout` must read ``question_ids`` on the host (Q and
+G are data); :func:`consecutive_layout` and :func:`draw_bundling` need no read at all,
+so a CUDA caller that knows G and uses the consecutive layout never waits for the device.
 """
 
 from __future__ import annotations
@@ -113,6 +117,28 @@ def group_layout(question_ids: torch.Tensor) -> GroupLayout:
     return GroupLayout(question_index, position, response_index, num_questions, group_size)
 
 
+def consecutive_layout(num_responses: int, group_size: int, device: torch.device) -> GroupLayout:
+    """The layout of responses stored question by question: ``n // G`` answers question ``n // G``.
+
+    This is how TRL (each prompt repeated G times in a row) and verl (``rollout.n`` with
+    interleaved repeats) lay out a generation batch. Equal to
+    ``group_layout(arange(N) // G)``, computed from the sizes alone (no host read).
+
+    Args:
+        num_responses: N, a multiple of ``group_size``.
+        group_size: G >= 1.
+        device: where the index tensors live.
+    """
+    flat = torch.arange(num_responses, device=device)
+    return GroupLayout(
+        question_index=flat // group_size,
+        position=flat % group_size,
+        response_index=flat.view(num_responses // group_size, group_size),
+        num_questions=num_responses // group_size,
+        group_size=group_size,
+    )
+
+
 def _bundling_from_question_bundle(
     question_bundle: torch.Tensor, member_of_position: torch.Tensor
 ) -> Bundling:
@@ -148,22 +174,52 @@ def draw_bundling(
     come from ``generator`` in that order. ``shuffle=False`` takes consecutive questions
     (first-appearance order) and member j = position j, as the paper's reference code.
     If Q is not a multiple of B the last bundle is smaller.
+
+    Bundles are numbered by slot, so their sizes are known from Q and B alone and no
+    value is read back from the device (draws on a CPU generator reach a CUDA device
+    through pinned memory, asynchronously).
     """
     device = layout.response_index.device
     q, g = layout.num_questions, layout.group_size
     slots = torch.arange(q, device=device)
+    num_bundles = -(-q // bundle_size)
     if shuffle:
         draw_device = generator.device if generator is not None else device
-        perm = torch.randperm(q, generator=generator, device=draw_device).to(device)
-        keys = torch.rand(q, g, generator=generator, device=draw_device).to(device)
+        perm = _to_device(torch.randperm(q, generator=generator, device=draw_device), device)
+        keys = _to_device(torch.rand(q, g, generator=generator, device=draw_device), device)
         question_bundle = torch.empty(q, dtype=torch.long, device=device)
         question_bundle[perm] = slots // bundle_size
+        # A question's slot is its rank among its bundle's questions in question order
+        # (so members sum their rewards in that order); bundle b starts at b * B.
+        order = torch.sort(question_bundle, stable=True).indices
+        question_slot = torch.empty(q, dtype=torch.long, device=device)
+        question_slot[order] = slots - question_bundle[order] * bundle_size
         # xi[q, j] = position taken by member j; its inverse maps position -> member.
         member_of_position = torch.argsort(torch.argsort(keys, dim=1), dim=1)
     else:
         question_bundle = slots // bundle_size
+        question_slot = slots % bundle_size
         member_of_position = torch.arange(g, device=device).expand(q, g).clone()
-    return _bundling_from_question_bundle(question_bundle, member_of_position)
+    # B questions per bundle, fewer in the last: min(B, Q - b B), from the sizes alone.
+    bundle_starts = torch.arange(num_bundles, device=device) * bundle_size
+    bundle_num_questions = (q - bundle_starts).clamp_max(bundle_size)
+    return Bundling(
+        question_bundle=question_bundle,
+        question_slot=question_slot,
+        member_of_position=member_of_position,
+        bundle_num_questions=bundle_num_questions,
+        num_bundles=num_bundles,
+        max_bundle_questions=min(bundle_size, q),
+    )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a generator's draw to ``device`` without blocking the host (pinned, async copy)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def question_bundling(layout: GroupLayout) -> Bundling:

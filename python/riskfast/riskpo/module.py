@@ -72,16 +72,21 @@ class RiskPOLoss(nn.Module):
     def compute_advantages(
         self,
         rewards: torch.Tensor,
-        question_ids: torch.Tensor,
+        question_ids: torch.Tensor | None = None,
         *,
+        group_size: int | None = None,
         bundle_ids: torch.Tensor | None = None,
         member_ids: torch.Tensor | None = None,
     ) -> AdvantageResult:
-        """Advantages with this module's options, generator and tracker (advances both)."""
+        """Advantages with this module's options, generator and tracker (advances both).
+
+        ``question_ids`` or ``group_size``: as :func:`riskfast.riskpo.advantages`.
+        """
         result = compute_advantages(
             rewards,
             question_ids,
             self.advantage_options,
+            group_size=group_size,
             tracker=self.tracker,
             generator=self.generator,
             bundle_ids=bundle_ids,
@@ -96,8 +101,9 @@ class RiskPOLoss(nn.Module):
         old_logp: torch.Tensor,
         mask: torch.Tensor,
         rewards: torch.Tensor,
-        question_ids: torch.Tensor,
+        question_ids: torch.Tensor | None = None,
         *,
+        group_size: int | None = None,
         ref_logp: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
         num_items: float | None = None,
@@ -109,7 +115,9 @@ class RiskPOLoss(nn.Module):
         Args:
             logp, old_logp, mask: ``[N, T]`` per-token log-probs (current, behaviour) and
                 response mask; see :func:`riskfast.riskpo.policy_loss`.
-            rewards, question_ids: ``[N]``; see :func:`riskfast.riskpo.advantages`.
+            rewards, question_ids: ``[N]``; see :func:`riskfast.riskpo.advantages`
+                (``group_size`` instead of ``question_ids`` for responses stored
+                question by question).
             ref_logp, entropy, num_items: passed to the policy loss.
             bundle_ids, member_ids: an explicit bundling, passed to the advantages.
 
@@ -117,7 +125,11 @@ class RiskPOLoss(nn.Module):
             ``(loss, metrics)``: the advantage metrics merged with the loss metrics.
         """
         result = self.compute_advantages(
-            rewards, question_ids, bundle_ids=bundle_ids, member_ids=member_ids
+            rewards,
+            question_ids,
+            group_size=group_size,
+            bundle_ids=bundle_ids,
+            member_ids=member_ids,
         )
         advantages = result.advantages.to(logp.device)
         loss, loss_metrics = policy_loss(

@@ -6,6 +6,7 @@ point; the formulas it applies live in :mod:`riskfast.riskpo.estimators`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..ops.bundle_advantages import (
 from .bundling import (
     Bundling,
     GroupLayout,
+    consecutive_layout,
     draw_bundling,
     explicit_bundling,
     gather_member_rewards,
@@ -55,6 +57,9 @@ QUANTILE_MODES = ("empirical", "tracker")
 BACKENDS = ("auto", "torch", "triton")
 CREDIT_STD_FLOOR = 1e-3
 """credit="std": a question whose reward std is below this divides by 1 instead."""
+SAFE_ABS_REWARD_SUM = 0.5 * torch.finfo(torch.float32).max
+"""Below this sum of ``|rewards|`` no member score (a float32 sum of some of them) can
+overflow, so the scores need no check after they are computed."""
 
 
 @dataclass(frozen=True)
@@ -152,31 +157,66 @@ class AdvantageResult:
         return dict(zip(names, values))
 
 
-def _checked_inputs(rewards: Any, question_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_inputs(
+    rewards: Any, question_ids: Any, group_size: Any, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Validated float32 rewards, int64 question ids (None with ``group_size``), and
+    whether the member scores may overflow float32 (then they are checked once computed).
+
+    With ``validate`` the value checks cost one host read: the float64 sum of ``|r|`` is
+    non-finite exactly when a reward is (or lies beyond float32), and it bounds every
+    member score.
+    """
     rewards = as_tensor("rewards", rewards)
     require_real("rewards", rewards)
     require_ndim("rewards", rewards, 1, "[N]")
-    if rewards.numel() == 0:
+    n = rewards.numel()
+    if n == 0:
         raise ValueError("rewards: is empty; advantages need at least one response")
-    require_finite("rewards", rewards)
-    question_ids = as_tensor("question_ids", question_ids)
-    require_integer("question_ids", question_ids)
-    require_ndim("question_ids", question_ids, 1, "[N]")
-    if question_ids.numel() != rewards.numel():
+    require_bool("validate", validate)
+    if question_ids is None and group_size is None:
         raise ValueError(
-            f"question_ids: has {question_ids.numel()} entries, rewards has {rewards.numel()}"
+            "question_ids: required, unless group_size gives G for responses stored "
+            "question by question"
         )
-    require_same_device("question_ids", question_ids, "rewards", rewards)
+    if question_ids is not None and group_size is not None:
+        raise ValueError("group_size: give question_ids or group_size, not both")
+    if group_size is not None:
+        require_int("group_size", group_size, low=1)
+        if n % group_size:
+            raise ValueError(
+                f"group_size: {n} responses do not split into questions of {group_size}"
+            )
+    else:
+        question_ids = as_tensor("question_ids", question_ids)
+        require_integer("question_ids", question_ids)
+        require_ndim("question_ids", question_ids, 1, "[N]")
+        if question_ids.numel() != n:
+            raise ValueError(f"question_ids: has {question_ids.numel()} entries, rewards has {n}")
+        require_same_device("question_ids", question_ids, "rewards", rewards)
+        question_ids = question_ids.long()
     as_float32 = rewards.detach().float()
-    if not bool(torch.isfinite(as_float32).all()):
+    if not validate:
+        return as_float32, question_ids, False
+    abs_sum = float(as_float32.abs().double().sum())
+    if not math.isfinite(abs_sum):
+        require_finite("rewards", rewards)
         raise ValueError("rewards: values beyond the float32 range (about 3.4e38); rescale them")
-    return as_float32, question_ids.long()
+    return as_float32, question_ids, abs_sum >= SAFE_ABS_REWARD_SUM
+
+
+def _check_scores(scores: torch.Tensor, may_overflow: bool) -> torch.Tensor:
+    """Refuse member scores that overflowed float32 (read only when they may have)."""
+    if may_overflow and not bool(torch.isfinite(scores).all()):
+        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
+    return scores
 
 
 def advantages(
     rewards: torch.Tensor,
-    question_ids: torch.Tensor,
+    question_ids: torch.Tensor | None = None,
     *,
+    group_size: int | None = None,
     estimator: str = "mvar",
     bundle_size: int = 5,
     alpha: float = 0.2,
@@ -199,6 +239,7 @@ def advantages(
     bundle_ids: torch.Tensor | None = None,
     member_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> AdvantageResult:
     """Advantage of every response under RiskPO (or a mean-based baseline).
 
@@ -212,6 +253,10 @@ def advantages(
     Args:
         rewards: ``[N]`` finite rewards, any real dtype (math in float32).
         question_ids: ``[N]`` integers; every question must have the same count G.
+            Finding the questions reads ``question_ids`` on the host.
+        group_size: instead of ``question_ids``, G for responses stored question by
+            question (response n answers question ``n // G``, the TRL and verl layout):
+            no host read.
         estimator: ``"mvar"`` (Mixed-VaR, default), ``"rvar"``, ``"cvar"``, ``"upper"``
             (risk family) or ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` (mean family, which
             ignores bundles, normalisation, centring, credit and quantile options and
@@ -239,6 +284,13 @@ def advantages(
         backend: ``"auto"`` (the Triton kernel on CUDA for built-in estimators and
             G <= 64, PyTorch otherwise), ``"torch"``, or ``"triton"`` (forced; on a CPU
             it needs ``TRITON_INTERPRET=1``).
+        validate: check the reward values (spec section 5: non-finite rewards, or
+            member scores beyond float32, raise ``ValueError``) at the cost of one host
+            read. ``False`` skips that read: a bundle whose scores or quantiles are then
+            not finite gets advantage 0 instead of an error (a tracker fed them is
+            undefined). With ``group_size``, ``validate=False``, the kernel path and a
+            CUDA or no generator, the call never waits for the device
+            (``spec/kernels.md``: one launch, no host synchronisation).
 
     Returns:
         An :class:`AdvantageResult`. Deterministic for a given generator state.
@@ -265,12 +317,14 @@ def advantages(
         rewards,
         question_ids,
         options,
+        group_size=group_size,
         tracker=tracker,
         update_tracker=update_tracker,
         generator=generator,
         bundle_ids=bundle_ids,
         member_ids=member_ids,
         backend=backend,
+        validate=validate,
     )
 
 
@@ -279,17 +333,21 @@ def compute_advantages(
     question_ids: Any,
     options: AdvantageOptions,
     *,
+    group_size: int | None = None,
     tracker: QuantileTracker | None = None,
     update_tracker: bool = True,
     generator: torch.Generator | None = None,
     bundle_ids: Any = None,
     member_ids: Any = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> AdvantageResult:
     """:func:`advantages` with its options already gathered in an :class:`AdvantageOptions`."""
     if not isinstance(options, AdvantageOptions):
         raise TypeError(f"options: expected AdvantageOptions, got {type(options).__name__}")
-    rewards, question_ids = _checked_inputs(rewards, question_ids)
+    rewards, question_ids, may_overflow = _checked_inputs(
+        rewards, question_ids, group_size, validate
+    )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     require_bool("update_tracker", update_tracker)
@@ -309,7 +367,10 @@ def compute_advantages(
 
     require_choice("backend", backend, BACKENDS)
 
-    layout = group_layout(question_ids)
+    if question_ids is None:
+        layout = consecutive_layout(rewards.numel(), group_size, rewards.device)
+    else:
+        layout = group_layout(question_ids)
     if not options.is_risk:
         bundling = question_bundling(layout)
     elif bundle_ids is not None:
@@ -318,11 +379,13 @@ def compute_advantages(
         bundling = draw_bundling(
             layout, options.bundle_size, shuffle=options.shuffle, generator=generator
         )
-    kept = torch.ones(bundling.num_bundles, dtype=torch.bool, device=rewards.device)
+    num_kept = bundling.num_bundles
     smaller_last = options.is_risk and layout.num_questions % options.bundle_size != 0
     if smaller_last and bundle_ids is None and options.drop_last:
-        # draw_bundling numbers bundles by slot, so the smaller one is always the last.
-        kept[-1] = False
+        # draw_bundling numbers bundles by slot, so the smaller one is always the last;
+        # the kept bundles are then scores[:num_kept] (a slice: no host read).
+        num_kept -= 1
+    kept = torch.arange(bundling.num_bundles, device=rewards.device) < num_kept
     member_response = member_response_table(layout, bundling)
 
     use_triton = _use_triton(backend, rewards, layout, options)
@@ -338,7 +401,7 @@ def compute_advantages(
                 if use_triton
                 else _member_scores(rewards, member_response, bundling, options)
             )
-            tracker.initialize(first_scores[kept])
+            tracker.initialize(_check_scores(first_scores, may_overflow)[:num_kept])
         assert tracker.values is not None
         tracked = tracker.values.to(rewards.device)
 
@@ -346,8 +409,11 @@ def compute_advantages(
         scores, quantiles, member_advantages, flat = _kernel_path(
             rewards, member_response, kept, tracked, options
         )
+        _check_scores(scores, may_overflow)
     else:
-        scores = _member_scores(rewards, member_response, bundling, options)
+        scores = _check_scores(
+            _member_scores(rewards, member_response, bundling, options), may_overflow
+        )
         if not options.is_risk:
             quantiles = empirical_quantiles(scores, options.levels_tuple())
             member_advantages = mean_member_advantages(scores, options)
@@ -362,8 +428,8 @@ def compute_advantages(
 
     if use_tracker and update_tracker:
         assert tracker is not None
-        tracker.update(scores[kept])
-    return _result(rewards, layout, bundling, flat, scores, quantiles, member_advantages, ~kept)
+        tracker.update(scores[:num_kept])
+    return _result(rewards, layout, bundling, flat, scores, quantiles, member_advantages, num_kept)
 
 
 def _kernel_path(
@@ -392,8 +458,6 @@ def _kernel_path(
         center=options.center,
         credit_std=options.is_risk and options.credit == "std",
     )
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
     return scores, quantiles, member_advantages, flat
 
 
@@ -424,8 +488,6 @@ def _member_scores(
 ) -> torch.Tensor:
     """Member scores ``S_j`` ``[nb, G]``: sum (or mean) of each member's rewards (spec 1)."""
     scores = gather_member_rewards(rewards, member_response).sum(dim=1)
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
     if options.is_risk and options.score == "mean":
         scores = scores / bundling.bundle_num_questions[:, None].to(scores.dtype)
     return scores
@@ -445,7 +507,7 @@ def risk_member_advantages(
     values = entry.fn(scores, a, b, options.risk_params)
     if options.normalize:
         values = values / (unbiased_std(scores, dim=1)[:, None] + GROUP_EPS)
-    values = _zero_if_all_equal(scores, values)
+    values = _zero_degenerate_rows(scores, values, quantiles)
     if options.center:
         values = values - values.mean(dim=1, keepdim=True)
     return values
@@ -454,19 +516,27 @@ def risk_member_advantages(
 def mean_member_advantages(rewards: torch.Tensor, options: AdvantageOptions) -> torch.Tensor:
     """Mean-family advantages ``[Q, G]`` of each question's rewards ``[Q, G]``."""
     values = MEAN_ESTIMATORS[options.estimator](rewards)
-    return _zero_if_all_equal(rewards, values)
+    return _zero_degenerate_rows(rewards, values)
 
 
-def _zero_if_all_equal(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Exactly 0 on rows whose scores are all equal (G = 1 included), whatever rounding did."""
-    flat = scores.amax(dim=1) == scores.amin(dim=1)
-    return torch.where(flat[:, None], torch.zeros_like(values), values)
+def _zero_degenerate_rows(
+    scores: torch.Tensor, values: torch.Tensor, quantiles: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exactly 0 on rows whose scores are all equal (G = 1 included), whatever rounding
+    did, and on rows with a non-finite score or quantile (reachable only with
+    ``validate=False``: a bundle the checks would have refused carries no signal)."""
+    degenerate = (scores.amax(dim=1) == scores.amin(dim=1)) | ~torch.isfinite(scores).all(dim=1)
+    if quantiles is not None:
+        degenerate = degenerate | ~torch.isfinite(quantiles).all(dim=1)
+    return torch.where(degenerate[:, None], torch.zeros_like(values), values)
 
 
 def _credit_scale(question_rewards: torch.Tensor) -> torch.Tensor:
-    """``[M, 1]`` divisor of credit="std": each row's unbiased std, 1 when below 1e-3."""
+    """``[M, 1]`` divisor of credit="std": each row's unbiased std, 1 when below 1e-3
+    (or not finite, which only ``validate=False`` can produce)."""
     std = unbiased_std(question_rewards, dim=1)[:, None]
-    return torch.where(std < CREDIT_STD_FLOOR, torch.ones_like(std), std)
+    usable = (std >= CREDIT_STD_FLOOR) & torch.isfinite(std)
+    return torch.where(usable, std, torch.ones_like(std))
 
 
 def _to_responses(
@@ -500,10 +570,16 @@ def _result(
     scores: torch.Tensor,
     quantiles: torch.Tensor,
     member_advantages: torch.Tensor,
-    dropped: torch.Tensor,
+    num_kept: int,
 ) -> AdvantageResult:
     """Assemble the result and its metrics (0-dim tensors: no host synchronisation)."""
-    dropped_responses = (dropped.float() * bundling.bundle_num_questions).sum() * layout.group_size
+    device = flat.device
+    dropped_responses = bundling.bundle_num_questions[num_kept:].sum() * layout.group_size
+    counts = {
+        "num_bundles": bundling.num_bundles,
+        "num_questions": layout.num_questions,
+        "group_size": layout.group_size,
+    }
     metrics = {
         "advantage_mean": flat.mean(),
         "advantage_std": flat.std(correction=0),
@@ -511,10 +587,9 @@ def _result(
         "quantile_alpha": quantiles[:, 0].mean(),
         "quantile_beta": quantiles[:, 1].mean(),
         "zero_advantage_bundle_frac": (member_advantages == 0).all(dim=1).float().mean(),
-        "num_bundles": torch.tensor(float(bundling.num_bundles)),
-        "num_questions": torch.tensor(float(layout.num_questions)),
-        "group_size": torch.tensor(float(layout.group_size)),
-        "dropped_response_frac": dropped_responses / rewards.numel(),
+        # torch.full writes on the device; torch.tensor would copy from the host.
+        **{k: torch.full((), float(v), device=device) for k, v in counts.items()},
+        "dropped_response_frac": dropped_responses.float() / rewards.numel(),
     }
     return AdvantageResult(
         advantages=flat,
@@ -522,5 +597,5 @@ def _result(
         member_ids=bundling.response_member_ids(layout),
         scores=scores,
         quantiles=quantiles,
-        metric_tensors={k: v.to(flat.device) for k, v in metrics.items()},
+        metric_tensors={k: v.to(device) for k, v in metrics.items()},
     )

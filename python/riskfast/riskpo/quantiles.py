@@ -21,6 +21,14 @@ def unbiased_std(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return values.std(dim=dim, correction=1)
 
 
+def level_tensor(
+    levels: tuple[float, float], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[2]`` tensor of ``levels`` written on ``device`` (``torch.tensor`` would copy it
+    from the host, which waits for a CUDA device)."""
+    return torch.stack([torch.full((), level, dtype=dtype, device=device) for level in levels])
+
+
 def empirical_quantiles(scores: torch.Tensor, levels: tuple[float, float]) -> torch.Tensor:
     """Quantiles of each row of ``scores`` with linear interpolation (``torch.quantile``).
 
@@ -31,7 +39,7 @@ def empirical_quantiles(scores: torch.Tensor, levels: tuple[float, float]) -> to
     Returns:
         ``[nb, 2]`` float32: ``(q_alpha, q_beta)`` of every bundle.
     """
-    q = torch.tensor(levels, dtype=scores.dtype, device=scores.device)
+    q = level_tensor(levels, scores.dtype, scores.device)
     return torch.quantile(scores, q, dim=1).transpose(0, 1).contiguous()
 
 
@@ -117,12 +125,16 @@ class QuantileTracker:
         return scores
 
     def initialize(self, scores: torch.Tensor) -> None:
-        """Set the estimates to the empirical quantiles of ``scores`` (all ranks)."""
+        """Set the estimates to the empirical quantiles of ``scores`` (all ranks).
+
+        Non-finite scores (which ``advantages(validate=False)`` lets through) are left out.
+        """
         pooled = self._pooled(self._checked(scores))
         if pooled.numel() == 0:
             raise ValueError("scores: cannot initialise the tracker from no scores")
-        levels = torch.tensor(self.levels, dtype=torch.float32, device=pooled.device)
-        self.values = torch.quantile(pooled, levels)
+        levels = level_tensor(self.levels, torch.float32, pooled.device)
+        finite = torch.where(torch.isfinite(pooled), pooled, torch.nan)
+        self.values = torch.nanquantile(finite, levels)
 
     def update(self, scores: torch.Tensor) -> torch.Tensor:
         """Apply one stochastic-approximation step with this step's member scores.
@@ -139,13 +151,15 @@ class QuantileTracker:
         assert self.values is not None
         values = self.values.to(scores.device)
         below = (scores[None, :] < values[:, None]).sum(dim=1).double()
-        totals = torch.cat([below, below.new_tensor([scores.numel()])])
+        count = torch.full((1,), float(scores.numel()), dtype=torch.float64, device=below.device)
+        totals = torch.cat([below, count])
         if self._communicates():
             dist.all_reduce(totals, group=self.process_group)
-        if float(totals[2]) > 0:
-            fraction = totals[:2] / totals[2]
-            levels = torch.tensor(self.levels, dtype=torch.float64, device=values.device)
-            values = (values.double() + self.gamma * (levels - fraction)).float()
+        # No step when no rank had a score; decided on the device (no host read).
+        fraction = totals[:2] / totals[2].clamp_min(1.0)
+        levels = level_tensor(self.levels, torch.float64, values.device)
+        stepped = (values.double() + self.gamma * (levels - fraction)).float()
+        values = torch.where(totals[2] > 0, stepped, values)
         self.values = values
         self.num_updates += 1
         return values
