@@ -287,10 +287,11 @@ def advantages(
         validate: check the reward values (spec section 5: non-finite rewards, or
             member scores beyond float32, raise ``ValueError``) at the cost of one host
             read. ``False`` skips that read: a bundle whose scores or quantiles are then
-            not finite gets advantage 0 instead of an error (a tracker fed them is
-            undefined). With ``group_size``, ``validate=False``, the kernel path and a
-            CUDA or no generator, the call never waits for the device
-            (``spec/kernels.md``: one launch, no host synchronisation).
+            not finite gets advantage 0 instead of an error, and a tracker starts from
+            the finite scores only. With ``group_size`` and ``validate=False`` the call
+            reads nothing back from the device (``spec/kernels.md``: one launch, no host
+            synchronisation), whether ``generator`` lives on the device or on the CPU
+            (its draws then reach the device through pinned memory, asynchronously).
 
     Returns:
         An :class:`AdvantageResult`. Deterministic for a given generator state.
