@@ -234,6 +234,17 @@ def test_validation_costs_exactly_one_host_read(backend: str) -> None:
     assert counter.total == 1, f"host reads {dict(counter.reads)}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_question_ids_cost_two_more_host_reads(backend: str) -> None:
+    # Finding the questions: unique (its size is data), then both ends of the counts.
+    rewards = _rollout(20, 16, seed=4)
+    ids = _consecutive_ids(20, 16).flip(0)
+    advantages(rewards, ids, backend=backend)
+    with HostReadCounter() as counter:
+        advantages(rewards, ids, backend=backend)
+    assert counter.total == 3, f"host reads {dict(counter.reads)}"
+
+
 # ------------------------------------------------------- unvalidated bad rewards
 
 

@@ -98,7 +98,9 @@ def group_layout(question_ids: torch.Tensor) -> GroupLayout:
         ValueError: naming ``question_ids`` and the questions whose counts differ.
     """
     question_index, counts = _first_appearance_ranks(question_ids)
-    if bool((counts != counts[0]).any()):
+    # One host read for both ends of the counts (unique above was the other one).
+    fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+    if fewest != most:
         uniques, first_counts = torch.unique(question_ids, return_counts=True)
         common = int(torch.mode(first_counts).values)
         odd = (first_counts != common).nonzero().flatten()[:10].tolist()
@@ -108,7 +110,7 @@ def group_layout(question_ids: torch.Tensor) -> GroupLayout:
             f"(most have {common}); {details}"
         )
     num_questions = counts.numel()
-    group_size = int(counts[0])
+    group_size = int(fewest)
     response_index = torch.sort(question_index, stable=True).indices.view(num_questions, group_size)
     position = torch.empty_like(question_index)
     position[response_index] = torch.arange(group_size, device=question_ids.device).expand(
