@@ -171,6 +171,25 @@ def test_group_size_and_unvalidated_calls_give_bitwise_the_validated_question_id
         _assert_same_result(out, ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_explicit_bundling_works_with_group_size_too(backend: str) -> None:
+    questions, group = 6, 4
+    rewards = _rollout(questions, group, seed=6)
+    gen = torch.Generator().manual_seed(2)
+    bundle_of_question = torch.randperm(questions, generator=gen) % 3
+    bundle_ids = bundle_of_question.repeat_interleave(group).to(DEVICE)
+    member_ids = torch.argsort(torch.rand(questions, group, generator=gen), dim=1)
+    member_ids = member_ids.flatten().to(DEVICE)
+    explicit = {"bundle_ids": bundle_ids, "member_ids": member_ids, "backend": backend}
+    ref = advantages(rewards, _consecutive_ids(questions, group), **explicit)
+    out = advantages(rewards, group_size=group, **explicit)
+    _assert_same_result(out, ref)
+    # The given bundling is honoured: same members, bundles relabelled only.
+    assert torch.equal(out.member_ids, member_ids)
+    same_given = bundle_ids[:, None] == bundle_ids[None, :]
+    assert torch.equal(out.bundle_ids[:, None] == out.bundle_ids[None, :], same_given)
+
+
 # --------------------------------------------------------------------- no host reads
 
 
