@@ -142,11 +142,23 @@ def consecutive_layout(num_responses: int, group_size: int, device: torch.device
 
 
 def _bundling_from_question_bundle(
-    question_bundle: torch.Tensor, member_of_position: torch.Tensor
+    question_bundle: torch.Tensor,
+    member_of_position: torch.Tensor,
+    sizes: tuple[torch.Tensor, int] | None = None,
 ) -> Bundling:
-    """Complete a bundling from the bundle of each question (ids 0..nb-1, all used)."""
+    """Complete a bundling from the bundle of each question (ids 0..nb-1, all used).
+
+    A question's slot is its rank among its bundle's questions in question order (so a
+    member sums its rewards in that order). ``sizes`` = (``[nb]`` question count of each
+    bundle, the largest count) when the caller knows them; otherwise they are counted,
+    which reads the device (``bincount``, ``max``).
+    """
+    if sizes is None:
+        counts = torch.bincount(question_bundle)
+        largest = int(counts.max())
+    else:
+        counts, largest = sizes
     order = torch.sort(question_bundle, stable=True).indices
-    counts = torch.bincount(question_bundle)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.empty_like(question_bundle)
     slot[order] = torch.arange(order.numel(), device=order.device) - starts[question_bundle[order]]
@@ -156,7 +168,7 @@ def _bundling_from_question_bundle(
         member_of_position=member_of_position,
         bundle_num_questions=counts,
         num_bundles=counts.numel(),
-        max_bundle_questions=int(counts.max()),
+        max_bundle_questions=largest,
     )
 
 
@@ -191,27 +203,16 @@ def draw_bundling(
         keys = _to_device(torch.rand(q, g, generator=generator, device=draw_device), device)
         question_bundle = torch.empty(q, dtype=torch.long, device=device)
         question_bundle[perm] = slots // bundle_size
-        # A question's slot is its rank among its bundle's questions in question order
-        # (so members sum their rewards in that order); bundle b starts at b * B.
-        order = torch.sort(question_bundle, stable=True).indices
-        question_slot = torch.empty(q, dtype=torch.long, device=device)
-        question_slot[order] = slots - question_bundle[order] * bundle_size
         # xi[q, j] = position taken by member j; its inverse maps position -> member.
         member_of_position = torch.argsort(torch.argsort(keys, dim=1), dim=1)
     else:
         question_bundle = slots // bundle_size
-        question_slot = slots % bundle_size
         member_of_position = torch.arange(g, device=device).expand(q, g).clone()
     # B questions per bundle, fewer in the last: min(B, Q - b B), from the sizes alone.
     bundle_starts = torch.arange(num_bundles, device=device) * bundle_size
-    bundle_num_questions = (q - bundle_starts).clamp_max(bundle_size)
-    return Bundling(
-        question_bundle=question_bundle,
-        question_slot=question_slot,
-        member_of_position=member_of_position,
-        bundle_num_questions=bundle_num_questions,
-        num_bundles=num_bundles,
-        max_bundle_questions=min(bundle_size, q),
+    counts = (q - bundle_starts).clamp_max(bundle_size)
+    return _bundling_from_question_bundle(
+        question_bundle, member_of_position, sizes=(counts, min(bundle_size, q))
     )
 
 
