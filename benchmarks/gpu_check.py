@@ -24,7 +24,11 @@ Steps:
    per-token loss is ``-logp``; also checked against ours), the public fused
    implementation the spec's target names; then the bundle-advantages kernel; then
    (unless ``--no-sweep``) tile sweeps at the largest shapes: BLOCK_V of the selective
-   kernels and the fused op's logit-tile configuration, for the next tuning step;
+   kernels and the fused op's logit-tile configuration, for the next tuning step; last,
+   the bundle-advantages launch and the sync-free ``advantages(group_size=16,
+   validate=False)`` call replayed from a CUDA graph (GPU time without Python's launch
+   overhead, which the 20 us target is about; the capture itself fails on any host
+   synchronisation);
 5. one table: shape, ms, achieved TB/s or TFLOP/s, fraction of the floor of
    ``spec/kernels.md`` (copy 3.0 TB/s on an H100, 4.3 TB/s on an H200; 800 TFLOP/s
    bf16 dense), and the peak extra CUDA memory of each row. With ``--out DIR`` the
@@ -446,6 +450,55 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundle advantages {shape}: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append(f"bundle advantages {shape}")
 
+    def graph_ms_per_call(fn: Callable[[], object], copies: int) -> float:
+        """GPU time of one ``fn()`` without the host: ``copies`` calls captured in one CUDA
+        graph, replayed and timed, divided by ``copies``. Capture refuses any host
+        synchronisation, so a successful capture also proves the call is sync-free."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up off the capture: compilation, allocator
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(copies):
+                fn()
+        return timer.ms(graph.replay) / copies
+
+    def graph_advantages(questions: int) -> None:
+        """Bundle advantages with the host out of the timing (the 20 us target is GPU
+        time; eager rows above include Python's launch overhead). Run last: a failed
+        capture can leave the device unusable for what follows."""
+        n = questions * 16
+        rewards = (torch.rand(n, device=dev, generator=gen) < 0.4).float()
+        shape = f"N={questions}x16 B=5"
+        target_ms = BUNDLE_TARGET_S * 1e3
+        layout = consecutive_layout(n, 16, dev)
+        members = member_response_table(layout, draw_bundling(layout, 5, shuffle=False,
+                                                               generator=None))
+        kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
+        options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
+                   "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
+                   "score_mean": False, "normalize": True, "center": False,
+                   "credit_std": False}
+        calls = {
+            "triton launch only, CUDA graph": lambda: launch_bundle(
+                rewards, members, kept, None, **options),
+            # The default generator: CUDA-graph capture registers its state itself.
+            "triton advantages(group_size, validate=False), CUDA graph": lambda: (
+                riskpo_advantages(rewards, group_size=16, validate=False, backend="triton")),
+        }
+        for variant, call in calls.items():
+            try:
+                ms = graph_ms_per_call(call, copies=20)
+                table.add("bundle advantages", shape, variant, ms, "-", target_ms / ms,
+                          float("nan"))
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"bundle advantages {shape} {variant}: FAILED {type(err).__name__}: "
+                      f"{err}", flush=True)
+                failures.append(f"bundle advantages {shape} {variant}")
+
     kernels = _load_kernels()
 
     def _check_same(what: str, out: torch.Tensor, first: torch.Tensor) -> None:
@@ -532,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_sweep:
         sweep_selective(*shapes["selective"][-1])
         sweep_fused(*shapes["fused"][-1])
+    if timer.cuda:
+        for questions in shapes["advantages"]:
+            graph_advantages(questions)
+    else:
+        print("CUDA-graph rows of bundle advantages: skipped (no CUDA device)", flush=True)
     if failures:
         status = status or 1
 
