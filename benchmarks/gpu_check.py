@@ -408,6 +408,21 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 fused_kernels.MATMUL_BACKEND = "triton"
 
+    def bundle_case(questions: int) -> tuple[torch.Tensor, Callable[[], object]]:
+        """Rewards of ``questions`` x 16 responses and the bare kernel launch on them
+        (consecutive bundles of 5, Mixed-VaR paper form)."""
+        n = questions * 16
+        rewards = (torch.rand(n, device=dev, generator=gen) < 0.4).float()
+        layout = consecutive_layout(n, 16, dev)
+        bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
+        members = member_response_table(layout, bundling)
+        kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
+        options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
+                   "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
+                   "score_mean": False, "normalize": True, "center": False,
+                   "credit_std": False}
+        return rewards, lambda: launch_bundle(rewards, members, kept, None, **options)
+
     def run_advantages(questions: int) -> None:
         """One launch; the floor is launch latency (< 20 us target at N = 65,536).
 
@@ -415,17 +430,16 @@ def main(argv: list[str] | None = None) -> int:
         the host), with ``group_size`` (one host read: the value checks), and with
         ``group_size, validate=False`` (no host read); then the launch alone.
         """
-        n = questions * 16
-        rewards = (torch.rand(n, device=dev, generator=gen) < 0.4).float()
-        question_ids = torch.arange(questions, device=dev).repeat_interleave(16)
         shape = f"N={questions}x16 B=5"
         target_ms = BUNDLE_TARGET_S * 1e3
-        calls = {
-            "question_ids": {"question_ids": question_ids},
-            "group_size": {"group_size": 16},
-            "group_size, validate=False": {"group_size": 16, "validate": False},
-        }
         try:
+            rewards, launch_only = bundle_case(questions)
+            question_ids = torch.arange(questions, device=dev).repeat_interleave(16)
+            calls = {
+                "question_ids": {"question_ids": question_ids},
+                "group_size": {"group_size": 16},
+                "group_size, validate=False": {"group_size": 16, "validate": False},
+            }
             for backend in ("triton", "torch"):
                 for label, call in calls.items():
                     if backend == "torch" and label != "question_ids":
@@ -435,15 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                         generator=torch.Generator(dev).manual_seed(0), **call))
                     table.add("bundle advantages", shape, f"{backend} advantages({label})", ms,
                               "-", target_ms / ms, float("nan"))
-            layout = consecutive_layout(n, 16, dev)
-            bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
-            members = member_response_table(layout, bundling)
-            kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
-            options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
-                       "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
-                       "score_mean": False, "normalize": True, "center": False,
-                       "credit_std": False}
-            ms = timer.ms(lambda: launch_bundle(rewards, members, kept, None, **options))
+            ms = timer.ms(launch_only)
             table.add("bundle advantages", shape, "triton launch only", ms, "-",
                       target_ms / ms, float("nan"))
         except Exception as err:  # noqa: BLE001 - report and go on: one table
@@ -470,21 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         """Bundle advantages with the host out of the timing (the 20 us target is GPU
         time; eager rows above include Python's launch overhead). Run last: a failed
         capture can leave the device unusable for what follows."""
-        n = questions * 16
-        rewards = (torch.rand(n, device=dev, generator=gen) < 0.4).float()
         shape = f"N={questions}x16 B=5"
+        try:
+            rewards, launch_only = bundle_case(questions)
+        except Exception as err:  # noqa: BLE001 - report and go on: the table still comes
+            print(f"bundle advantages {shape} CUDA graph: FAILED {type(err).__name__}: {err}")
+            failures.append(f"bundle advantages {shape} CUDA graph")
+            return
         target_ms = BUNDLE_TARGET_S * 1e3
-        layout = consecutive_layout(n, 16, dev)
-        members = member_response_table(layout, draw_bundling(layout, 5, shuffle=False,
-                                                               generator=None))
-        kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
-        options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
-                   "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
-                   "score_mean": False, "normalize": True, "center": False,
-                   "credit_std": False}
         calls = {
-            "triton launch only, CUDA graph": lambda: launch_bundle(
-                rewards, members, kept, None, **options),
+            "triton launch only, CUDA graph": launch_only,
             # The default generator: CUDA-graph capture registers its state itself.
             "triton advantages(group_size, validate=False), CUDA graph": lambda: (
                 riskpo_advantages(rewards, group_size=16, validate=False, backend="triton")),
