@@ -13,5 +13,6 @@ in ``riskfast.ops``.
 """
 
 from . import bundle_advantages, fused_linear_logprobs, selective_logprobs
+from .selective_logprobs import is_interpreting
 
-__all__ = ["bundle_advantages", "fused_linear_logprobs", "selective_logprobs"]
+__all__ = ["bundle_advantages", "fused_linear_logprobs", "is_interpreting", "selective_logprobs"]

@@ -30,11 +30,10 @@ This module imports nothing of riskfast (only torch and triton).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 __all__ = [
     "is_interpreting",
@@ -44,8 +43,14 @@ __all__ = [
 
 
 def is_interpreting() -> bool:
-    """True when Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """True when this process's kernels run on Triton's CPU interpreter.
+
+    Triton decides once, when a ``@triton.jit`` function is defined, from
+    ``TRITON_INTERPRET`` as Triton reads it; a setting changed after
+    ``riskfast.kernels`` was imported changes nothing. So the answer comes from a kernel
+    defined here (an interpreted kernel is not a ``JITFunction``), not from the variable.
+    """
+    return not isinstance(_selective_logprobs_fwd_kernel, JITFunction)
 
 
 # --------------------------------------------------------------------------------------

@@ -84,9 +84,12 @@ def _drive_ops() -> None:
     from riskfast.riskpo import QuantileTracker, advantages
 
     kernels = load_kernels()  # defined now, as JIT functions
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the CPU tensors past the ops' device guard
+    # The ops' device guard (riskfast.ops._kernels.require_triton) asks the package: let
+    # the CPU tensors through to the recorder.
+    kernels.is_interpreting = lambda: True
     for module in (kernels.selective_logprobs, kernels.fused_linear_logprobs):
-        # The launchers pick their GPU configuration (tile sizes, 16-bit tensor-core dots).
+        # The launchers ask their own module: the GPU configuration (tile sizes, 16-bit
+        # tensor-core dots).
         module.is_interpreting = lambda: False
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -50,6 +51,26 @@ def _triton_version() -> str | None:
     return str(getattr(triton, "__version__", "unknown"))
 
 
+def _triton_interpret() -> bool:
+    """Whether riskfast's Triton kernels run on Triton's CPU interpreter in this process.
+
+    Once ``riskfast.kernels`` is imported, the kernels say (Triton fixed the mode when it
+    defined them); before, Triton's own reading of ``TRITON_INTERPRET`` says what an
+    import would give. ``False`` without Triton.
+    """
+    if _triton_version() is None:
+        return False
+    kernels = sys.modules.get("riskfast.kernels")
+    if kernels is not None:
+        return bool(kernels.is_interpreting())
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # Triton's own reading ("1", "true", "on", "yes", "y" in 3.9)
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton without knobs read "1" only
+
+
 def build_info() -> dict[str, Any]:
     """How riskfast's compiled parts were built, next to what this process runs.
 
@@ -63,8 +84,9 @@ def build_info() -> dict[str, Any]:
     * from this process: ``torch_version``, ``torch_cuda_version``,
       ``torch_version_matches`` (compiled == runtime torch; a mismatch means the
       extension must be rebuilt, its ABI may not match), ``cuda_available``,
-      ``triton_available``, ``triton_version``, ``triton_interpret`` (the
-      ``TRITON_INTERPRET`` setting, under which Triton kernels run on the CPU).
+      ``triton_available``, ``triton_version``, ``triton_interpret`` (whether
+      riskfast's Triton kernels run, or once imported would run, on Triton's CPU
+      interpreter: ``TRITON_INTERPRET`` as Triton reads it when it defines them).
     """
     import torch
 
@@ -87,5 +109,5 @@ def build_info() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "triton_available": triton_version is not None,
         "triton_version": triton_version,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "triton_interpret": _triton_interpret(),
     }

@@ -1,12 +1,22 @@
-"""Locating the Triton kernels package, installed or from a source tree."""
+"""Locating the Triton kernels package, installed or from a source tree, and whether
+its kernels can run on a given tensor."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the triton package can be imported (the kernels need it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def load_kernels() -> ModuleType:
@@ -38,3 +48,24 @@ def load_kernels() -> ModuleType:
         sys.modules.pop("riskfast.kernels", None)
         raise
     return module
+
+
+def require_triton(tensor: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` (naming ``backend``) unless the kernels can run on ``tensor``.
+
+    The one check behind every forced ``backend="triton"``. CUDA tensors run compiled
+    kernels. Other tensors run only when the kernels were defined for Triton's CPU
+    interpreter, that is with ``TRITON_INTERPRET=1`` set before ``riskfast.kernels`` was
+    first imported (Triton reads the variable then, not at launch), and only on the CPU.
+    """
+    if not triton_available():
+        raise RuntimeError("backend: 'triton' needs the triton package, which is not installed")
+    if tensor.is_cuda:
+        return
+    if tensor.device.type == "cpu" and load_kernels().is_interpreting():
+        return
+    raise RuntimeError(
+        f"backend: 'triton' on a {tensor.device.type} tensor needs CUDA, or TRITON_INTERPRET=1 "
+        "set before riskfast.kernels is first imported (Triton's CPU interpreter); "
+        "backend='torch' runs anywhere"
+    )

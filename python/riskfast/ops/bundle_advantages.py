@@ -7,9 +7,6 @@ tests compare the kernel with. This module imports nothing of ``riskfast.riskpo`
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 
 from ._kernels import load_kernels
@@ -18,12 +15,6 @@ MAX_KERNEL_MEMBERS = 64
 """Largest group size G the kernel handles in one program (spec/kernels.md: up to 64)."""
 
 BUILTIN_ESTIMATORS = frozenset({"mvar", "rvar", "cvar", "upper", "grpo", "dr_grpo", "rloo"})
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when Triton can be imported (a CUDA device or ``TRITON_INTERPRET=1`` runs it)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def bundle_advantages(

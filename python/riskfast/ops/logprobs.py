@@ -29,8 +29,6 @@ above are owned by :func:`_chunk_stats` and :func:`_chunk_dlogits`; in Triton by
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
 
 import torch
@@ -47,6 +45,7 @@ from .._checks import (
     require_tensor,
 )
 from ._kernels import load_kernels as _load_kernels
+from ._kernels import require_triton, triton_available
 from .reference import fused_linear_logprobs_reference, selective_logprobs_reference
 
 __all__ = ["BACKENDS", "fused_linear_logprobs", "selective_logprobs"]
@@ -64,31 +63,18 @@ LogprobResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _resolve_backend(backend: str, name: str, tensor: torch.Tensor) -> str:
     """Pick the backend for ``tensor`` (named ``name`` in errors)."""
     require_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        use_triton = tensor.is_cuda and tensor.dtype in _TRITON_DTYPES and _triton_available()
+        use_triton = tensor.is_cuda and tensor.dtype in _TRITON_DTYPES and triton_available()
         return "triton" if use_triton else "torch"
     if backend == "triton":
         if tensor.dtype not in _TRITON_DTYPES:
             raise TypeError(
                 f"{name}: the Triton backend takes float16, bfloat16 or float32, got {tensor.dtype}"
             )
-        if not _triton_available():
-            raise RuntimeError("backend: 'triton' needs the triton package, which is not installed")
-        if not tensor.is_cuda:
-            import os
-
-            if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true"):
-                raise RuntimeError(
-                    f"backend: 'triton' on a {tensor.device} tensor needs TRITON_INTERPRET=1 "
-                    "set before riskfast.kernels is first imported"
-                )
+        require_triton(tensor)
     return backend
 
 

@@ -24,11 +24,11 @@ from .._checks import (
     require_real,
     require_same_device,
 )
+from ..ops._kernels import require_triton, triton_available
 from ..ops.bundle_advantages import (
     BUILTIN_ESTIMATORS,
     MAX_KERNEL_MEMBERS,
     bundle_advantages,
-    triton_available,
 )
 from .bundling import (
     Bundling,
@@ -477,6 +477,7 @@ def _use_triton(
             raise ValueError(
                 f"backend: the kernel handles G <= {MAX_KERNEL_MEMBERS}, got G = {layout.group_size}"
             )
+        require_triton(rewards)
         return True
     return backend == "auto" and rewards.is_cuda and builtin and fits and triton_available()
 
