@@ -9,7 +9,6 @@ bundling.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ from riskfast.riskpo import QuantileTracker, advantages
 pytest.importorskip("triton", reason="Triton is not installed: the kernel cannot run")
 
 # Compiled on a GPU (benchmarks/gpu_check.py runs this file there), interpreted on a CPU.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")
+from kernel_device import DEVICE  # after the importorskip
 
 RISK_CASES = [
     {"estimator": "mvar", "form": "paper"},

@@ -10,10 +10,9 @@ The oracle is :mod:`riskfast.ops.reference` evaluated in float64 on the same val
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_device import DEVICE
 
 from riskfast.ops import (
     fused_linear_logprobs,
@@ -23,8 +22,6 @@ from riskfast.ops import (
 )
 from riskfast.ops.logprobs import _load_kernels
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")
 BACKENDS = ["triton", "torch"]
 
 # The CPU interpreter evaluates both sides of every tl.where, also on masked lanes.

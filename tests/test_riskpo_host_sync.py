@@ -11,11 +11,11 @@ this file there) ``torch.cuda.set_sync_debug_mode("error")`` checks it as well.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 from host_reads import HostReadCounter
+from kernel_device import DEVICE
 
 from riskfast.riskpo import QuantileTracker, advantages
 from riskfast.riskpo.bundling import (
@@ -26,8 +26,6 @@ from riskfast.riskpo.bundling import (
 )
 from riskfast.riskpo.quantiles import level_tensor
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")
 BACKENDS = ["torch", "triton"]
 CASES = [
     {},
