@@ -10,6 +10,10 @@ temperature``), ``p = softmax(z)`` and ``lse = logsumexp(z)``:
 * backward: ``dz_j = g (1[j = target] - p_j) - g_H p_j (log p_j + entropy)`` and
   ``dlogits = dz / temperature``.
 
+A ``-inf`` logit (or bias entry) is a masked vocabulary entry: ``p_j = 0``, it adds
+nothing to the entropy (``0 log 0 = 0``) and gets a zero gradient, on every backend.
+Each row needs one finite logit at least; ``+inf`` and NaN logits are not supported.
+
 Backends (``backend=``):
 
 * ``"triton"`` - the kernels of ``riskfast.kernels`` (CUDA, or the CPU interpreter when
@@ -139,18 +143,20 @@ def _chunk_dlogits(
 ) -> torch.Tensor:
     """``dlogits[C, V] = dz / temperature`` of the chunk (formula in the module doc).
 
-    ``dz_j = p_j * (-g - g_H (log p_j + H)) + g 1[j = target]``. Overwrites ``z``;
-    allocates one more ``[C, V]`` tensor, which it returns.
+    ``dz_j = -g_H p_j (log p_j + H) - g p_j + g 1[j = target]``. Overwrites ``z``;
+    allocates one more ``[C, V]`` tensor; returns one of the two.
     """
     g = (grad_logp * inv_temperature)[:, None]
     log_p = z.sub_(lse[:, None])
     p = log_p.exp()
-    if grad_entropy is not None and entropy is not None:
-        coef = log_p.add_(entropy[:, None]).clamp_(min=torch.finfo(z.dtype).min)
-        coef.mul_(-(grad_entropy * inv_temperature)[:, None]).sub_(g)
-        dz = p.mul_(coef)
-    else:
+    if grad_entropy is None or entropy is None:
         dz = p.mul_(-g)
+    else:
+        # p_j (log p_j + H) before g_H: it is bounded (|p log p| <= 1/e, p H <= H), so the
+        # product with g_H cannot overflow. A -inf logit (or one so low that p_j = 0)
+        # has its log p_j clamped to the lowest finite value, so 0 * log p_j stays 0.
+        dz = log_p.clamp_(min=torch.finfo(z.dtype).min).add_(entropy[:, None]).mul_(p)
+        dz.mul_(-(grad_entropy * inv_temperature)[:, None]).sub_(p.mul_(g))
     return dz.scatter_add_(1, targets[:, None].long(), g.to(dz.dtype))
 
 
@@ -399,6 +405,7 @@ def selective_logprobs(
 
     Args:
         logits: ``[N, V]`` bf16, fp16, fp32 (or float64, torch backends only); any strides.
+            ``-inf`` entries are masked (probability 0, no gradient; module doc).
         targets: ``[N]`` integer token ids in ``[0, V)``, on the device of ``logits``.
         temperature: ``> 0``; the logits are divided by it.
         return_entropy: also return ``entropy[N] = -sum_j p_j log p_j``.
@@ -453,7 +460,8 @@ def fused_linear_logprobs(
         hidden: ``[N, H]`` bf16, fp16, fp32 (or float64, torch backends only).
         weight: ``[V, H]``, same dtype and device as ``hidden``.
         targets: ``[N]`` integer token ids in ``[0, V)``.
-        bias: ``[V]`` or ``None``, same dtype and device.
+        bias: ``[V]`` or ``None``, same dtype and device; a ``-inf`` entry masks that
+            vocabulary entry (probability 0, no gradient; module doc).
         temperature: ``> 0``.
         return_entropy: also return the per-token entropy (differentiable).
         chunk_size: tokens per chunk, ``>= 1``; default: a buffer of about 64 MiB (torch)

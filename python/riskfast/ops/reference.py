@@ -1,7 +1,8 @@
 """Plain PyTorch references of the token log-prob ops: the oracles of the tests.
 
 Written the obvious way, independently of the kernels and of the chunked CPU path:
-materialise the ``[N, V]`` logits, ``log_softmax``, gather; entropy ``-sum p log p``.
+materialise the ``[N, V]`` logits, ``log_softmax``, gather; entropy ``-sum p log p``
+(``0 log 0 = 0``: a ``-inf`` logit is a masked vocabulary entry).
 Gradients come from autograd. Spec: ``spec/kernels.md``, "Public signatures".
 
 Math runs in fp32 for bf16/fp16/fp32 inputs (the values are upcast first, so a bf16
@@ -40,7 +41,10 @@ def selective_logprobs_reference(
     logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    # A -inf logit (a masked vocabulary entry) has p = 0 and adds nothing: 0 log 0 = 0,
+    # with the -inf replaced before the product so that autograd sees no 0 * inf either.
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(dim=-1)
     return logp, entropy
 
 
