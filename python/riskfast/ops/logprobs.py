@@ -156,7 +156,7 @@ def _chunk_dlogits(
         # product with g_H cannot overflow. A -inf logit (or one so low that p_j = 0)
         # has its log p_j clamped to the lowest finite value, so 0 * log p_j stays 0.
         dz = log_p.clamp_(min=torch.finfo(z.dtype).min).add_(entropy[:, None]).mul_(p)
-        dz.mul_(-(grad_entropy * inv_temperature)[:, None]).sub_(p.mul_(g))
+        dz.mul_(-(grad_entropy * inv_temperature)[:, None]).addcmul_(p, g, value=-1.0)
     return dz.scatter_add_(1, targets[:, None].long(), g.to(dz.dtype))
 
 
