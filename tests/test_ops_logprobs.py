@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_reads import HostReadCounter
 from kernel_device import DEVICE
 
 from riskfast.ops import (
@@ -521,3 +522,24 @@ def test_int32_targets_are_accepted(backend) -> None:
     logits, targets = _selective_case(6, 40, torch.float32, seed=30)
     ref = selective_logprobs_reference(logits.double(), targets)
     _check_values(selective_logprobs(logits, targets.int(), backend=backend), ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_op_reads_the_device_once_forward_and_backward(backend) -> None:
+    # The target range check is the only host read (one aminmax, read once); the
+    # backward reads nothing. Counted by tests/host_reads.py's CPU proxy.
+    logits, targets = _selective_case(8, 50, torch.float32, seed=31)
+    leaf = logits.clone().requires_grad_(True)
+    with HostReadCounter() as counter:
+        logp, entropy = selective_logprobs(leaf, targets, return_entropy=True, backend=backend)
+        forward_reads = counter.total
+        (logp.sum() + entropy.sum()).backward()
+    assert (forward_reads, counter.total) == (1, 1), dict(counter.reads)
+
+    hidden, weight, bias, targets = _fused_case(8, 16, 50, torch.float32, seed=32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    with HostReadCounter() as counter:
+        logp = fused_linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend)
+        forward_reads = counter.total
+        logp.sum().backward()
+    assert (forward_reads, counter.total) == (1, 1), dict(counter.reads)

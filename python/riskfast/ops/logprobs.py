@@ -94,7 +94,7 @@ def _check_targets(targets: Any, n: int, v: int, ref_name: str, ref: torch.Tenso
         raise ValueError(f"targets: expected shape ({n},) to match {ref_name}, got {tuple(targets.shape)}")
     require_same_device("targets", targets, ref_name, ref)
     if n > 0:
-        low, high = int(targets.min()), int(targets.max())  # one host sync
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # the op's one host read
         if low < 0 or high >= v:
             raise ValueError(f"targets: values must lie in [0, {v}), got min {low}, max {high}")
     return targets
