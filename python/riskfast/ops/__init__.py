@@ -1,4 +1,6 @@
-"""Public token log-prob ops, dispatched by device to Triton kernels or chunked PyTorch.
+"""Public ops, dispatched by device to Triton kernels, compiled operators or PyTorch.
+
+Token log-probs (RiskPO):
 
 * :func:`selective_logprobs` - ``log_softmax(logits / T)[target]`` (and entropy) from
   ``[N, V]`` logits;
@@ -7,19 +9,37 @@
 * :mod:`riskfast.ops.reference` - the plain PyTorch references (test oracles);
 * :mod:`riskfast.ops.bundle_advantages` - dispatch to the bundle-advantages kernel.
 
-Spec: ``spec/kernels.md``, "Public signatures (riskfast.ops)".
+RLR (diffusion):
+
+* :func:`transition_log_prob` - the denoising step's mean and Gaussian log-density
+  (:mod:`riskfast.ops.transition`, reference beside it);
+* :func:`philox_normal`, :func:`perturb_`, :func:`accumulate_noise_` - counter-based
+  noise regenerated from seeds (:mod:`riskfast.ops.noise`; the stream and its
+  reference are in :mod:`riskfast.ops.philox`).
+
+Spec: ``spec/kernels.md``, "Public signatures (riskfast.ops)"; ``spec/rlr.md``.
 """
 
-from . import bundle_advantages, reference
+from . import bundle_advantages, noise, philox, reference, transition
 from .logprobs import BACKENDS, fused_linear_logprobs, selective_logprobs
+from .noise import accumulate_noise_, perturb_, philox_normal
 from .reference import fused_linear_logprobs_reference, selective_logprobs_reference
+from .transition import TransitionCoefficients, transition_log_prob
 
 __all__ = [
     "BACKENDS",
+    "TransitionCoefficients",
+    "accumulate_noise_",
     "bundle_advantages",
     "fused_linear_logprobs",
     "fused_linear_logprobs_reference",
+    "noise",
+    "perturb_",
+    "philox",
+    "philox_normal",
     "reference",
     "selective_logprobs",
     "selective_logprobs_reference",
+    "transition",
+    "transition_log_prob",
 ]
