@@ -75,14 +75,18 @@ def _check_tensor_list(name: str, tensors: Any) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     if not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"{name}: expected a tensor or a list of tensors, got {type(tensors).__name__}")
+        raise TypeError(
+            f"{name}: expected a tensor or a list of tensors, got {type(tensors).__name__}"
+        )
     tensors = list(tensors)
     if not tensors:
         raise ValueError(f"{name}: expected at least one tensor, got an empty list")
     device = None
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}[{index}]: expected a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(
+                f"{name}[{index}]: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
         if tensor.dtype not in _FLOATING:
             raise TypeError(
                 f"{name}[{index}]: expected float16, bfloat16, float32 or float64, got {tensor.dtype}"

@@ -45,9 +45,9 @@ __all__ = [
     "PHILOX_MULTIPLIERS",
     "PHILOX_ROUNDS",
     "accumulate_noise_reference_",
+    "perturb_reference_",
     "philox4x32",
     "philox_normal_reference",
-    "perturb_reference_",
 ]
 
 PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)

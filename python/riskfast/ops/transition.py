@@ -106,7 +106,9 @@ def predict_original_and_noise(
         return model_output, (sample - root_a * model_output) / root_b
     if prediction_type == "v_prediction":
         return root_a * sample - root_b * model_output, root_a * model_output + root_b * sample
-    raise ValueError(f"prediction_type: expected one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+    raise ValueError(
+        f"prediction_type: expected one of {list(PREDICTION_TYPES)}, got {prediction_type!r}"
+    )
 
 
 def transition_mean(
@@ -180,8 +182,14 @@ def check_coefficients(coefficients: Any, *, need_sigma: bool) -> TransitionCoef
         raise TypeError(
             f"coefficients: expected TransitionCoefficients, got {type(coefficients).__name__}"
         )
-    require_number("coefficients.alpha_prod_t", coefficients.alpha_prod_t, low=0.0, high=1.0,
-                   low_open=True, high_open=True)
+    require_number(
+        "coefficients.alpha_prod_t",
+        coefficients.alpha_prod_t,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+    )
     for field in ("coef_x0", "coef_eps", "coef_sample"):
         require_number(f"coefficients.{field}", getattr(coefficients, field))
     require_number("coefficients.sigma", coefficients.sigma, low=0.0, low_open=need_sigma)
@@ -261,7 +269,12 @@ def transition_log_prob(
         )
     else:
         log_prob, mean = transition_log_prob_reference(
-            x_prev, sample, model_output, coefficients, reduce=reduce,
-            old_log_prob=old_log_prob, log_ratio_bound=log_ratio_bound,
+            x_prev,
+            sample,
+            model_output,
+            coefficients,
+            reduce=reduce,
+            old_log_prob=old_log_prob,
+            log_ratio_bound=log_ratio_bound,
         )
     return (log_prob, mean) if return_mean else log_prob
