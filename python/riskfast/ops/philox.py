@@ -54,6 +54,8 @@ PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 PHILOX_KEY_INCREMENTS = (0x9E3779B9, 0xBB67AE85)
 PHILOX_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
+# Elements of the stream generated per Philox call when applying noise (bounds memory).
+_SPAN = 1 << 22
 # float32(2 pi): the angle is v * _TWO_PI in float32 in every implementation.
 _TWO_PI = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
 
@@ -144,22 +146,35 @@ def accumulate_noise_reference_(
 ) -> None:
     """``x += sum_i scales[i] * u(seeds[i])`` over the stream of the list ``tensors``.
 
-    In place, in order of ``seeds``; each tensor is read once in its accumulation dtype
-    and written once. Tensors must be contiguous (the public op checks).
+    In place, terms in the order of ``seeds``. The stream is generated for spans of up to
+    ``_SPAN`` elements across tensor boundaries (one Philox call per seed and span, so
+    many small tensors cost as little as one large one) and each piece of a tensor is
+    read once in its accumulation dtype and written once. Tensors must be contiguous
+    (the public op checks).
     """
-    offset = 0
+    sizes = [t.numel() for t in tensors]
+    total = sum(sizes)
+    if total == 0 or not seeds:
+        return
+    device = tensors[0].device
     with torch.no_grad():
-        for tensor in tensors:
-            numel = tensor.numel()
-            acc_dtype = _accumulation_dtype(tensor.dtype)
-            acc = tensor.reshape(-1).to(acc_dtype, copy=True)
-            for seed, scale in zip(seeds, scales, strict=True):
-                noise = philox_normal_reference(
-                    numel, seed, offset, device=tensor.device, dtype=acc_dtype
-                )
-                acc = acc + noise * scale
-            tensor.copy_(acc.view(tensor.shape))
-            offset += numel
+        for span_start in range(0, total, _SPAN):
+            span_end = min(total, span_start + _SPAN)
+            noises = [
+                philox_normal_reference(span_end - span_start, seed, span_start, device=device)
+                for seed in seeds
+            ]
+            offset = 0
+            for tensor, size in zip(tensors, sizes):
+                low, high = max(offset, span_start), min(offset + size, span_end)
+                if low < high:
+                    flat = tensor.view(-1)[low - offset : high - offset]
+                    acc_dtype = _accumulation_dtype(tensor.dtype)
+                    acc = flat.to(acc_dtype, copy=True)
+                    for noise, scale in zip(noises, scales, strict=True):
+                        acc = acc + noise[low - span_start : high - span_start].to(acc_dtype) * scale
+                    flat.copy_(acc)
+                offset += size
 
 
 def perturb_reference_(tensors: Sequence[torch.Tensor], seed: int, scale: float) -> None:
