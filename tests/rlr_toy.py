@@ -37,7 +37,9 @@ class ToyDenoiser(torch.nn.Module):
 
 
 def mixture(n: int, generator: torch.Generator) -> torch.Tensor:
-    centers = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=torch.float64)
+    centers = torch.tensor(
+        [[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=torch.float64
+    )
     which = torch.randint(0, 4, (n,), generator=generator)
     return centers[which] + 0.15 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
@@ -86,7 +88,10 @@ def reward(x0: torch.Tensor) -> torch.Tensor:
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-        for p in model.parameters() if p.requires_grad
-    ])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+    )

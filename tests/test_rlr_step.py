@@ -63,7 +63,9 @@ def _oracle_step(scheduler, kind, position, sample, model_output, noise, eta):
             a_prev = _alpha(scheduler, prev_t, 1.0)
             # "fixed_small_log" has fixed_small's variance, computed through a log
             variance = "fixed_large" if config.variance_type == "fixed_large" else "fixed_small"
-            mean, s = rlr_oracle.ddpm_step(x, m, a_t, a_prev, config.prediction_type, clip, variance)
+            mean, s = rlr_oracle.ddpm_step(
+                x, m, a_t, a_prev, config.prediction_type, clip, variance
+            )
             s = 0.0 if t == 0 else s
         prev = [mi + s * zi for mi, zi in zip(mean, z)]
         log_density = rlr_oracle.gaussian_log_density(prev, mean, s) if s > 0 else None
@@ -100,8 +102,9 @@ def test_ddim_step_matches_the_loop_oracle(prediction_type, spacing, eta):
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
 def test_ddpm_step_matches_the_loop_oracle(prediction_type, variance_type):
-    scheduler = _ddpm(7, prediction_type=prediction_type, variance_type=variance_type,
-                      timestep_spacing="trailing")
+    scheduler = _ddpm(
+        7, prediction_type=prediction_type, variance_type=variance_type, timestep_spacing="trailing"
+    )
     sample, model_output, noise = _inputs(seed=1)
     for position in range(7):
         t = int(scheduler.timesteps[position])
@@ -119,8 +122,9 @@ def test_ddim_step_equals_diffusers_with_leading_spacing():
             for t in scheduler.timesteps.tolist():
                 ours = step_with_logprob(scheduler, model_output, t, sample, eta=eta, noise=noise)
                 theirs = scheduler.step(model_output, t, sample, eta=eta, variance_noise=noise)
-                torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, rtol=1e-5,
-                                           atol=1e-5)
+                torch.testing.assert_close(
+                    ours.prev_sample, theirs.prev_sample, rtol=1e-5, atol=1e-5
+                )
 
 
 def test_ddim_step_follows_the_schedule_where_diffusers_does_not():
@@ -144,8 +148,7 @@ def test_ddpm_step_equals_diffusers():
     for t in scheduler.timesteps.tolist():
         noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(t))
         ours = step_with_logprob(scheduler, model_output, t, sample, noise=noise)
-        theirs = scheduler.step(model_output, t, sample,
-                                generator=torch.Generator().manual_seed(t))
+        theirs = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(t))
         torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, rtol=1e-5, atol=1e-5)
         assert (ours.log_prob is None) == (t == 0)
 
@@ -157,8 +160,9 @@ def test_log_prob_of_a_given_prev_sample_and_reduce_mean():
     taken = step_with_logprob(scheduler, model_output, t, sample, eta=1.0, noise=noise)
     scored = step_with_logprob(scheduler, model_output, t, sample, prev_sample=taken.prev_sample)
     torch.testing.assert_close(scored.log_prob, taken.log_prob, rtol=1e-12, atol=1e-12)
-    mean_reduced = step_with_logprob(scheduler, model_output, t, sample,
-                                     prev_sample=taken.prev_sample, reduce="mean")
+    mean_reduced = step_with_logprob(
+        scheduler, model_output, t, sample, prev_sample=taken.prev_sample, reduce="mean"
+    )
     dims = sample[0].numel()
     torch.testing.assert_close(mean_reduced.log_prob, taken.log_prob / dims)
     # by hand: the density of mean + s * z is -|z|^2 / 2 - D log s - D log(2 pi) / 2
@@ -170,8 +174,11 @@ def test_log_prob_of_a_given_prev_sample_and_reduce_mean():
 def test_dtypes_of_the_outputs():
     scheduler = _ddim(10)
     t = int(scheduler.timesteps[0])
-    for dtype, expected in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                            (torch.float64, torch.float64)):
+    for dtype, expected in (
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ):
         sample, model_output, noise = _inputs(dtype=dtype)
         out = step_with_logprob(scheduler, model_output, t, sample, noise=noise)
         assert out.prev_sample.dtype == dtype
@@ -192,10 +199,12 @@ def test_generator_draws_the_noise_reproducibly():
     scheduler = _ddim(10)
     sample, model_output, _ = _inputs()
     t = int(scheduler.timesteps[0])
-    a = step_with_logprob(scheduler, model_output, t, sample,
-                          generator=torch.Generator().manual_seed(9))
-    b = step_with_logprob(scheduler, model_output, t, sample,
-                          generator=torch.Generator().manual_seed(9))
+    a = step_with_logprob(
+        scheduler, model_output, t, sample, generator=torch.Generator().manual_seed(9)
+    )
+    b = step_with_logprob(
+        scheduler, model_output, t, sample, generator=torch.Generator().manual_seed(9)
+    )
     assert torch.equal(a.prev_sample, b.prev_sample)
 
 
@@ -211,20 +220,24 @@ def test_transition_coefficients_of_the_last_ddim_step():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(model_output=torch.zeros(3, 2)), "model_output"),
-        (dict(sample=torch.zeros(0, 2)), "sample"),
-        (dict(timestep=5), "timestep"),
-        (dict(eta=1.5), "eta"),
-        (dict(reduce="max"), "reduce"),
-        (dict(noise=torch.zeros(2, 2), prev_sample=torch.zeros(2, 2)), "noise"),
-        (dict(noise=torch.zeros(2, 3)), "noise"),
-        (dict(sample=torch.zeros(2, 2, dtype=torch.long)), "sample"),
+        ({"model_output": torch.zeros(3, 2)}, "model_output"),
+        ({"sample": torch.zeros(0, 2)}, "sample"),
+        ({"timestep": 5}, "timestep"),
+        ({"eta": 1.5}, "eta"),
+        ({"reduce": "max"}, "reduce"),
+        ({"noise": torch.zeros(2, 2), "prev_sample": torch.zeros(2, 2)}, "noise"),
+        ({"noise": torch.zeros(2, 3)}, "noise"),
+        ({"sample": torch.zeros(2, 2, dtype=torch.long)}, "sample"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, name):
     scheduler = _ddim(10)
-    args = dict(scheduler=scheduler, model_output=torch.zeros(2, 2),
-                timestep=int(scheduler.timesteps[0]), sample=torch.zeros(2, 2))
+    args = {
+        "scheduler": scheduler,
+        "model_output": torch.zeros(2, 2),
+        "timestep": int(scheduler.timesteps[0]),
+        "sample": torch.zeros(2, 2),
+    }
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=f"^{name}"):
         step_with_logprob(**args)
@@ -240,5 +253,6 @@ def test_scheduler_errors():
     with pytest.raises(ValueError, match="^eta: DDPMScheduler"):
         step_with_logprob(_ddpm(10), torch.zeros(2, 2), 900, torch.zeros(2, 2), eta=0.5)
     with pytest.raises(ValueError, match="^scheduler: DDPMScheduler variance_type"):
-        step_with_logprob(_ddpm(10, variance_type="learned"), torch.zeros(2, 2), 900,
-                          torch.zeros(2, 2))
+        step_with_logprob(
+            _ddpm(10, variance_type="learned"), torch.zeros(2, 2), 900, torch.zeros(2, 2)
+        )
