@@ -52,8 +52,9 @@ def forward(
 
 @pytest.mark.parametrize("quantile", ["empirical", "tracker"])
 def test_forward_equals_advantages_then_policy_loss_by_hand(quantile: str) -> None:
+    gamma = {"gamma": 0.2} if quantile == "tracker" else {}  # gamma is the tracker's option
     module = riskfast.RiskPOLoss(
-        **ADVANTAGE_OPTIONS, **LOSS_OPTIONS, quantile=quantile, gamma=0.2, seed=7
+        **ADVANTAGE_OPTIONS, **LOSS_OPTIONS, quantile=quantile, **gamma, seed=7
     )
     gen = torch.Generator().manual_seed(7)
     tracker = QuantileTracker(alpha=0.25, beta=0.75, gamma=0.2)

@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+INT64_MAX = 2**63 - 1
+"""Largest integer a tensor (and most torch arguments) can hold."""
+UINT64_MAX = 2**64 - 1
+"""Largest seed ``torch.Generator.manual_seed`` accepts."""
+
 _REAL_DTYPES = (
     torch.bool,
     torch.uint8,
@@ -93,6 +98,27 @@ def require_finite(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = 
         raise ValueError(f"{name}: holds non-finite values (first positions {where})")
 
 
+def require_all_finite(
+    checks: Sequence[tuple[str, torch.Tensor | None, torch.Tensor | None]],
+) -> None:
+    """:func:`require_finite` for several ``(name, tensor, mask)`` at the cost of one host read.
+
+    ``None`` tensors and non-floating ones are skipped; the first non-finite tensor in
+    ``checks`` order is reported (with its positions, read only then).
+    """
+    present = [(n, t, m) for n, t, m in checks if t is not None and t.is_floating_point()]
+    if not present:
+        return
+    flags = []
+    for _, tensor, mask in present:
+        bad = ~torch.isfinite(tensor)
+        flags.append((bad & mask if mask is not None else bad).any())
+    if not any(torch.stack(flags).tolist()):
+        return
+    for name, tensor, mask in present:
+        require_finite(name, tensor, mask)
+
+
 def require_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
@@ -114,7 +140,10 @@ def require_number(
             value = value.item()
         else:
             raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name}: must be finite, got an integer beyond the float range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name}: must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
@@ -126,11 +155,16 @@ def require_number(
     return value
 
 
-def require_int(name: str, value: Any, *, low: int | None = None) -> int:
+def require_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """Check a Python ``int`` (not a bool) in ``[low, high]``; pass ``high=INT64_MAX`` for
+    anything that becomes a tensor size or index, so that a huge value is named here
+    instead of overflowing inside torch."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if low is not None and value < low:
         raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value}")
     return value
 
 

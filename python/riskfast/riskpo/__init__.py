@@ -19,7 +19,7 @@ from .estimators import (
     register_risk_estimator,
     upper_tail_advantages,
 )
-from .loss import AGG_MODES, RATIO_LEVELS, policy_loss
+from .loss import AGG_MODES, RATIO_LEVELS, PolicyLossOptions, policy_loss
 from .module import RiskPOLoss
 from .objective import AdvantageOptions, AdvantageResult, advantages, compute_advantages
 from .quantiles import QuantileTracker
@@ -29,6 +29,7 @@ __all__ = [
     "RATIO_LEVELS",
     "AdvantageOptions",
     "AdvantageResult",
+    "PolicyLossOptions",
     "QuantileTracker",
     "RiskPOLoss",
     "RiskParams",

@@ -7,13 +7,16 @@ advantages and the response mask, and returns a scalar loss plus metrics.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from .._checks import (
+    INT64_MAX,
+    require_all_finite,
     require_choice,
-    require_finite,
     require_floating,
     require_int,
     require_ndim,
@@ -29,6 +32,72 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios are clamped to +-20 before ``exp`` (as verl does), so finite input never
 overflows float32."""
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """The options of :func:`policy_loss` that do not depend on the batch, validated once.
+
+    :class:`riskfast.RiskPOLoss` builds one at construction, so a bad option is refused
+    there instead of at the first training step. Numbers are stored as Python floats.
+    """
+
+    ratio_level: str = "sequence"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    beta_kl: float = 0.0
+    entropy_coef: float = 0.0
+    agg: str = "token-mean"
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        require_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        require_choice("agg", self.agg, AGG_MODES)
+        numbers = {
+            "eps_low": require_number("eps_low", self.eps_low, low=0.0),
+            "eps_high": require_number("eps_high", self.eps_high, low=0.0),
+            "beta_kl": require_number("beta_kl", self.beta_kl, low=0.0),
+            "entropy_coef": require_number("entropy_coef", self.entropy_coef),
+        }
+        if self.dual_clip is not None:
+            numbers["dual_clip"] = require_number(
+                "dual_clip", self.dual_clip, low=1.0, low_open=True
+            )
+        for name, value in numbers.items():
+            object.__setattr__(self, name, value)
+        if self.max_len is not None:
+            require_int("max_len", self.max_len, low=1, high=INT64_MAX)
+            if self.agg != "seq-mean-token-sum-norm":
+                raise ValueError(
+                    f"max_len: only agg='seq-mean-token-sum-norm' divides by it, got "
+                    f"agg={self.agg!r}"
+                )
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """Checked token-level inputs of :func:`policy_loss` (see :func:`check_token_inputs`).
+
+    Every tensor is ``[N, T]`` in the compute dtype with 0 outside the response (so
+    whatever the caller's padding held can reach neither the loss nor a gradient);
+    ``logp`` and ``entropy`` stay differentiable.
+    """
+
+    logp: torch.Tensor
+    old_logp: torch.Tensor
+    mask: torch.Tensor
+    ref_logp: torch.Tensor | None
+    entropy: torch.Tensor | None
+    num_items: float | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logp.dtype
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -59,17 +128,105 @@ def _check_response_or_token(name: str, value: Any, logp: torch.Tensor) -> torch
     return value
 
 
-def _on_tokens(
-    name: str, value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """``[N]`` or ``[N, T]`` values as ``[N, T]`` (detached, 0 outside the response),
-    checked finite on the response tokens."""
+def _response_mask(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Where ``value`` (``[N]`` or ``[N, T]``) is used: responses with a token, or tokens."""
+    return mask.any(dim=1) if value.dim() == 1 else mask
+
+
+def on_tokens(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[N]`` or ``[N, T]`` values as ``[N, T]`` (detached, 0 outside the response)."""
     value = value.detach().to(dtype)
     if value.dim() == 1:
         value = value[:, None].expand(mask.shape)
-    value = torch.where(mask, value, torch.zeros_like(value))
-    require_finite(name, value, mask)
-    return value
+    return torch.where(mask, value, torch.zeros_like(value))
+
+
+def check_token_inputs(
+    logp: Any,
+    old_logp: Any,
+    mask: Any,
+    *,
+    ref_logp: Any = None,
+    entropy: Any = None,
+    num_items: Any = None,
+    options: PolicyLossOptions,
+    per_response: dict[str, Any] | None = None,
+    num_responses: int | None = None,
+) -> tuple[TokenInputs, dict[str, torch.Tensor]]:
+    """Validate the token-level inputs of :func:`policy_loss` before anything is computed.
+
+    Types, shapes, devices, the inputs the options need (``ref_logp`` for ``beta_kl > 0``,
+    ``entropy`` for ``entropy_coef != 0``), ``num_items``, and finiteness of every value
+    on a response token (one host read for all tensors together).
+
+    Args:
+        per_response: named ``[N]`` or ``[N, T]`` tensors checked alongside (the
+            advantages, token weights); returned as ``[N, T]`` (0 outside the response).
+        num_responses: when given, the ``N`` the token tensors must have (``RiskPOLoss``
+            passes the reward count, so that a mismatch is refused before the step).
+
+    Returns:
+        The checked :class:`TokenInputs` and the checked ``per_response`` tensors.
+    """
+    logp = require_tensor("logp", logp)
+    require_floating("logp", logp)
+    require_ndim("logp", logp, 2, "[N, T]")
+    if num_responses is not None and logp.shape[0] != num_responses:
+        raise ValueError(
+            f"logp: has {logp.shape[0]} responses (shape {tuple(logp.shape)}), rewards has "
+            f"{num_responses}"
+        )
+    old_logp = _check_token_tensor("old_logp", old_logp, logp)
+    mask = require_tensor("mask", mask)
+    require_real("mask", mask)
+    require_same_shape("mask", mask, "logp", logp)
+    require_same_device("mask", mask, "logp", logp)
+    if ref_logp is not None:
+        ref_logp = _check_token_tensor("ref_logp", ref_logp, logp)
+    elif options.beta_kl > 0:
+        raise ValueError("ref_logp: beta_kl > 0 needs the reference log-probs")
+    if entropy is not None:
+        entropy = _check_token_tensor("entropy", entropy, logp)
+    elif options.entropy_coef != 0:
+        raise ValueError("entropy: entropy_coef != 0 needs the per-token entropy")
+    if num_items is not None:
+        num_items = require_number("num_items", num_items, low=0.0, low_open=True)
+    extra = {
+        name: _check_response_or_token(name, value, logp)
+        for name, value in (per_response or {}).items()
+    }
+
+    raw_mask, mask = mask, mask != 0
+    require_all_finite(
+        [
+            ("mask", raw_mask, None),
+            ("logp", logp, mask),
+            ("old_logp", old_logp, mask),
+            *((name, value, _response_mask(value, mask)) for name, value in extra.items()),
+            ("ref_logp", ref_logp, mask),
+            ("entropy", entropy, mask),
+        ]
+    )
+    dtype = _compute_dtype(logp, old_logp, ref_logp, entropy)
+    zeros = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def response_only(value: torch.Tensor | None, detach: bool) -> torch.Tensor | None:
+        # 0 outside the response before any arithmetic: padding (NaN, inf, anything)
+        # reaches neither the loss nor, through the backward of a later op, a gradient.
+        if value is None:
+            return None
+        value = value.detach() if detach else value
+        return torch.where(mask, value.to(dtype), zeros)
+
+    inputs = TokenInputs(
+        logp=response_only(logp, detach=False),
+        old_logp=response_only(old_logp, detach=True),
+        mask=mask,
+        ref_logp=response_only(ref_logp, detach=True),
+        entropy=response_only(entropy, detach=False),
+        num_items=num_items,
+    )
+    return inputs, {name: on_tokens(value, mask, dtype) for name, value in extra.items()}
 
 
 def log_ratios(
@@ -79,15 +236,19 @@ def log_ratios(
 
     ``"token"``: ``logp_t - old_logp_t``. ``"sequence"``: the response's length-normalised
     ``mean_t(logp - old_logp)`` (GSPO), repeated at each of its tokens; differentiable, so
-    its gradient reaches every token with weight ``1 / len``. Clamped to +-20.
+    its gradient reaches every token with weight ``1 / len``. Clamped to
+    ``+-LOG_RATIO_CLAMP`` (20). Before the sequence sum, each token's difference is
+    clamped to ``+-max / (2 T)`` of the dtype, so that no sum of finite inputs overflows
+    (only differences beyond ``1e34`` in float32 are touched; their mean is far beyond
+    20 anyway, or the input is meaningless).
     """
     diff = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
     if ratio_level == "token":
         return torch.clamp(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    limit = torch.finfo(diff.dtype).max / (2 * max(diff.shape[1], 1))
     lengths = mask.sum(dim=1, keepdim=True).clamp_min(1).to(diff.dtype)
-    per_sequence = torch.clamp(
-        diff.sum(dim=1, keepdim=True) / lengths, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
-    )
+    total = torch.clamp(diff, -limit, limit).sum(dim=1, keepdim=True)
+    per_sequence = torch.clamp(total / lengths, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.where(mask, per_sequence.expand_as(diff), torch.zeros_like(diff))
 
 
@@ -132,8 +293,9 @@ def aggregate(
 
     ``token-mean``: sum over response tokens / (``num_items`` or their count).
     ``seq-mean-token-mean`` / ``-token-sum`` / ``-token-sum-norm``: per-sequence mean,
-    sum, or sum / ``max_len`` (default ``T``), summed over sequences with at least one
-    response token and divided by ``num_items`` or that count. No response token: 0.
+    sum, or sum / ``max_len`` (default ``T``; 1 when ``T = 0``, where every sum is 0),
+    summed over sequences with at least one response token and divided by ``num_items``
+    or that count. No response token: 0.
     """
     masked = torch.where(mask, token_loss, torch.zeros_like(token_loss))
     if agg == "token-mean":
@@ -145,7 +307,7 @@ def aggregate(
         if agg == "seq-mean-token-mean":
             per_sequence = per_sequence / lengths.clamp_min(1.0)
         elif agg == "seq-mean-token-sum-norm":
-            per_sequence = per_sequence / float(max_len if max_len is not None else mask.shape[1])
+            per_sequence = per_sequence / float(max_len or max(mask.shape[1], 1))
         count = (lengths > 0).sum().to(masked.dtype)
         total = per_sequence.sum()
     if num_items is not None:
@@ -180,13 +342,23 @@ def policy_loss(
     with ``agg``. ``s`` is the sequence ratio ``exp(mean_t(logp - old_logp))``
     (``ratio_level="sequence"``, default) or the token ratio.
 
+    Every value on a response token (``logp``, ``old_logp``, ``advantages``,
+    ``ref_logp``, ``entropy``, ``token_weights``; and every ``mask`` value) must be finite:
+    a NaN or inf there raises ``ValueError`` naming the argument (one host read for all
+    of them), before anything is computed. The per-vocabulary inputs these log-probs
+    come from (logits, hidden states) are not scanned by :mod:`riskfast.ops`, for speed:
+    a NaN or ``+inf`` logit gives a NaN log-prob in its row, which this check then
+    refuses, naming ``logp``.
+
     Args:
         logp: ``[N, T]`` log-probs of the taken tokens under the current policy
             (differentiable).
         old_logp: ``[N, T]`` log-probs under the behaviour policy (no gradient).
         advantages: ``[N]`` per response or ``[N, T]`` per token (no gradient).
         mask: ``[N, T]``, nonzero (or True) on response tokens. Values elsewhere in the
-            other tensors are ignored, whatever they hold.
+            other tensors are ignored, whatever they hold (NaN included): they reach
+            neither the loss nor a gradient. ``T = 0`` and responses without tokens are
+            fine (a batch without response tokens has loss 0).
         ratio_level: ``"sequence"`` or ``"token"``.
         eps_low, eps_high: clip range, ``>= 0``.
         dual_clip: ``c > 1`` bounding the loss of negative advantages, or None.
@@ -196,9 +368,12 @@ def policy_loss(
         entropy_coef: coefficient of the entropy bonus (needs ``entropy``).
         agg: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"`` or
             ``"seq-mean-token-sum-norm"`` (verl's meanings).
-        max_len: divisor of ``seq-mean-token-sum-norm`` (default ``T``).
+        max_len: divisor of ``seq-mean-token-sum-norm`` (default ``T``, or 1 when
+            ``T = 0``); an error with any other ``agg``, which would ignore it.
         num_items: global normaliser replacing the local token (or sequence) count, for
-            data-parallel runs.
+            data-parallel runs; ``> 0``. A loss that overflows (finite inputs too large
+            together, or a tiny ``num_items``) raises ``ValueError`` naming the input to
+            rescale, never returns inf.
         token_weights: ``[N, T]`` (or ``[N]``) weights multiplying the clipped surrogate
             of each token before aggregation (no gradient), e.g. the truncated importance
             weights of a rollout engine whose log-probs differ from the trainer's.
@@ -209,63 +384,71 @@ def policy_loss(
         ``ratio_mean``, ``approx_kl`` (token-level k3 of old vs new), and ``entropy`` /
         ``kl`` when those inputs are given.
     """
-    logp = require_tensor("logp", logp)
-    require_floating("logp", logp)
-    require_ndim("logp", logp, 2, "[N, T]")
-    old_logp = _check_token_tensor("old_logp", old_logp, logp)
-    mask = require_tensor("mask", mask)
-    require_real("mask", mask)
-    require_same_shape("mask", mask, "logp", logp)
-    require_same_device("mask", mask, "logp", logp)
-    advantages = _check_response_or_token("advantages", advantages, logp)
-    require_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    require_choice("agg", agg, AGG_MODES)
-    eps_low = require_number("eps_low", eps_low, low=0.0)
-    eps_high = require_number("eps_high", eps_high, low=0.0)
-    if dual_clip is not None:
-        dual_clip = require_number("dual_clip", dual_clip, low=1.0, low_open=True)
-    beta_kl = require_number("beta_kl", beta_kl, low=0.0)
-    entropy_coef = require_number("entropy_coef", entropy_coef)
-    if ref_logp is not None:
-        ref_logp = _check_token_tensor("ref_logp", ref_logp, logp)
-    elif beta_kl > 0:
-        raise ValueError("ref_logp: beta_kl > 0 needs the reference log-probs")
-    if entropy is not None:
-        entropy = _check_token_tensor("entropy", entropy, logp)
-    elif entropy_coef != 0:
-        raise ValueError("entropy: entropy_coef != 0 needs the per-token entropy")
-    if max_len is not None:
-        require_int("max_len", max_len, low=1)
-    if num_items is not None:
-        num_items = require_number("num_items", num_items, low=0.0, low_open=True)
+    options = PolicyLossOptions(
+        ratio_level=ratio_level,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        beta_kl=beta_kl,
+        entropy_coef=entropy_coef,
+        agg=agg,
+        max_len=max_len,
+    )
+    per_response = {"advantages": advantages}
     if token_weights is not None:
-        token_weights = _check_response_or_token("token_weights", token_weights, logp)
+        per_response["token_weights"] = token_weights
+    inputs, checked = check_token_inputs(
+        logp,
+        old_logp,
+        mask,
+        ref_logp=ref_logp,
+        entropy=entropy,
+        num_items=num_items,
+        options=options,
+        per_response=per_response,
+    )
+    return token_policy_loss(
+        inputs, checked["advantages"], options, token_weights=checked.get("token_weights")
+    )
 
-    mask = mask != 0
-    dtype = _compute_dtype(logp, old_logp, ref_logp, entropy)
-    logp = logp.to(dtype)
-    old_logp = old_logp.detach().to(dtype)
-    token_advantages = _on_tokens("advantages", advantages, mask, dtype)
 
-    log_ratio = log_ratios(logp, old_logp, mask, ratio_level)
+def token_policy_loss(
+    inputs: TokenInputs,
+    advantages: torch.Tensor,
+    options: PolicyLossOptions,
+    *,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`policy_loss` of inputs already checked by :func:`check_token_inputs`.
+
+    ``advantages`` and ``token_weights`` are ``[N, T]`` in ``inputs.dtype``, 0 outside
+    the response (as :func:`check_token_inputs` returns them). Reads the metrics back
+    once; if the loss or a metric is not finite (finite inputs that overflow together,
+    such as advantages near the float32 limit or a tiny ``num_items``), raises
+    ``ValueError`` naming the input to rescale instead of returning it.
+    """
+    mask, dtype = inputs.mask, inputs.dtype
+    logp, old_logp = inputs.logp, inputs.old_logp
+    log_ratio = log_ratios(logp, old_logp, mask, options.ratio_level)
     ratio = torch.exp(log_ratio)
-    pg, was_clipped, dual = clipped_surrogate(ratio, token_advantages, eps_low, eps_high, dual_clip)
+    pg, was_clipped, dual = clipped_surrogate(
+        ratio, advantages, options.eps_low, options.eps_high, options.dual_clip
+    )
+    unweighted = pg
     if token_weights is not None:
-        pg = pg * _on_tokens("token_weights", token_weights, mask, dtype)
+        pg = pg * token_weights
     token_loss = pg
     kl = None
-    if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp.detach().to(dtype))
-        kl = torch.where(mask, kl, torch.zeros_like(kl))
-        if beta_kl > 0:
-            token_loss = token_loss + beta_kl * kl
-    if entropy is not None:
-        entropy = torch.where(mask, entropy.to(dtype), torch.zeros_like(logp))
-        if entropy_coef != 0:
-            token_loss = token_loss - entropy_coef * entropy
+    if inputs.ref_logp is not None:
+        kl = torch.where(mask, k3_kl(logp, inputs.ref_logp), torch.zeros_like(logp))
+        if options.beta_kl > 0:
+            token_loss = token_loss + options.beta_kl * kl
+    entropy = inputs.entropy
+    if entropy is not None and options.entropy_coef != 0:
+        token_loss = token_loss - options.entropy_coef * entropy
 
-    agg_kwargs = {"max_len": max_len, "num_items": num_items}
-    loss = aggregate(token_loss, mask, agg, **agg_kwargs)
+    agg_kwargs = {"max_len": options.max_len, "num_items": inputs.num_items}
+    loss = aggregate(token_loss, mask, options.agg, **agg_kwargs)
 
     with torch.no_grad():
         tokens = mask.sum().clamp_min(1).to(dtype)
@@ -273,14 +456,10 @@ def policy_loss(
         def token_mean(x: torch.Tensor) -> torch.Tensor:
             return torch.where(mask, x, torch.zeros_like(x)).sum() / tokens
 
-        token_log_ratio = torch.clamp(
-            torch.where(mask, logp - old_logp, torch.zeros_like(logp)),
-            -LOG_RATIO_CLAMP,
-            LOG_RATIO_CLAMP,
-        )
+        token_log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         named = {
             "loss": loss.detach(),
-            "pg_loss": aggregate(pg.detach(), mask, agg, **agg_kwargs),
+            "pg_loss": aggregate(pg.detach(), mask, options.agg, **agg_kwargs),
             "clip_frac": token_mean(was_clipped.to(dtype)),
             "dual_clip_frac": token_mean(dual.to(dtype)),
             "ratio_mean": token_mean(ratio.detach()),
@@ -291,4 +470,47 @@ def policy_loss(
         if kl is not None:
             named["kl"] = token_mean(kl.detach())
         values = torch.stack([v.to(dtype) for v in named.values()]).tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise _overflow_error(inputs, options, unweighted, pg, kl, token_loss)
     return loss, dict(zip(named, values))
+
+
+def _overflow_error(
+    inputs: TokenInputs,
+    options: PolicyLossOptions,
+    unweighted: torch.Tensor,
+    weighted: torch.Tensor,
+    kl: torch.Tensor | None,
+    token_loss: torch.Tensor,
+) -> ValueError:
+    """The error for finite inputs whose loss overflowed, naming the input to rescale.
+
+    Only reached on failure, so the extra host reads here cost nothing in training.
+    """
+    mask, dtype = inputs.mask, inputs.dtype
+
+    def overflows(values: torch.Tensor) -> bool:
+        return bool((~torch.isfinite(values) & mask).any())
+
+    terms = [
+        ("advantages", unweighted, "the clipped surrogate -A * ratio (ratio <= exp(20))"),
+        ("token_weights", weighted, "the weighted surrogate"),
+    ]
+    if kl is not None and options.beta_kl > 0:
+        terms.append(("beta_kl", options.beta_kl * kl.detach(), "beta_kl * k3 (k3 <= exp(20))"))
+    if inputs.entropy is not None and options.entropy_coef != 0:
+        terms.append(
+            ("entropy_coef", options.entropy_coef * inputs.entropy.detach(), "the entropy bonus")
+        )
+    for name, values, what in terms:
+        if overflows(values.detach()):
+            return ValueError(f"{name}: {what} overflows {dtype} on a response token; rescale it")
+    if inputs.num_items is not None and bool(torch.isfinite(token_loss.detach().sum())):
+        return ValueError(
+            f"num_items: dividing the summed loss by num_items = {inputs.num_items:g} "
+            f"overflows {dtype}; pass the real token (or sequence) count"
+        )
+    return ValueError(
+        f"advantages: the per-token losses are finite but their sum overflows {dtype}; "
+        "rescale the advantages"
+    )

@@ -7,21 +7,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import require_int
-from .loss import policy_loss
-from .objective import AdvantageOptions, AdvantageResult, compute_advantages
-from .quantiles import QuantileTracker
+from .._checks import UINT64_MAX, as_tensor, require_int, require_number
+from .loss import PolicyLossOptions, check_token_inputs, on_tokens, token_policy_loss
+from .objective import AdvantageOptions, AdvantageResult, pending_advantages
+from .quantiles import QuantileTracker, checked_tracker_state
 
-_LOSS_OPTIONS = (
-    "ratio_level",
-    "eps_low",
-    "eps_high",
-    "dual_clip",
-    "beta_kl",
-    "entropy_coef",
-    "agg",
-    "max_len",
-)
+STATE_VERSION = 2
+"""Version of :meth:`RiskPOLoss.get_extra_state` (2: carries the options that shape it)."""
+
+DEFAULT_GAMMA = 0.1
+"""Step size of the quantile tracker when ``gamma`` is not given."""
 
 
 class RiskPOLoss(nn.Module):
@@ -30,11 +25,23 @@ class RiskPOLoss(nn.Module):
     Holds the state a run needs between steps: a ``torch.Generator`` for the random
     bundling and, with ``quantile="tracker"``, a :class:`QuantileTracker`. Both are part
     of :meth:`state_dict` (as extra state), so saving and loading the module resumes the
-    run exactly.
+    run exactly. The state dict also carries the options that shape that state (the
+    bundling: ``bundle_size``, ``shuffle``; with a tracker also ``alpha``, ``beta``,
+    ``gamma``, ``score``, ``drop_last``), and loading it into a module whose options
+    differ raises ``ValueError`` naming the option, as does loading a tracker state into
+    a module without a tracker or the reverse.
+
+    Every option is validated here, with the errors of :func:`riskfast.riskpo.advantages`
+    and :func:`riskfast.riskpo.policy_loss`. Every call either completes or changes
+    nothing: :meth:`forward` checks all its inputs and computes the loss before it
+    advances the generator and updates the tracker, and :meth:`load_state_dict` checks
+    the whole state before taking any of it.
 
     Args:
-        seed: seed of the bundling generator (None: drawn from the global RNG once).
-        gamma: step size of the quantile tracker.
+        seed: seed of the bundling generator, ``0 <= seed < 2**64`` (None: drawn from the
+            global RNG once).
+        gamma: step size of the quantile tracker (default 0.1); only with
+            ``quantile="tracker"``.
         **options: any option of :func:`riskfast.riskpo.advantages` (``estimator``,
             ``bundle_size``, ``alpha``, ``beta``, ``omega``, ``form``, ...) and of
             :func:`riskfast.riskpo.policy_loss` (``ratio_level``, ``eps_low``,
@@ -48,24 +55,41 @@ class RiskPOLoss(nn.Module):
         loss.backward()
     """
 
-    def __init__(self, *, seed: int | None = None, gamma: float = 0.1, **options: Any) -> None:
+    def __init__(
+        self, *, seed: int | None = None, gamma: float | None = None, **options: Any
+    ) -> None:
         super().__init__()
-        known = set(AdvantageOptions.names()) | set(_LOSS_OPTIONS)
-        unknown = sorted(set(options) - known)
+        advantage_names = set(AdvantageOptions.names())
+        loss_names = set(PolicyLossOptions.names())
+        unknown = sorted(set(options) - advantage_names - loss_names)
         if unknown:
-            raise TypeError(f"options: unknown option(s) {unknown}; known: {sorted(known)}")
+            known = sorted(advantage_names | loss_names)
+            raise TypeError(f"options: unknown option(s) {unknown}; known: {known}")
         self.advantage_options = AdvantageOptions(
-            **{k: v for k, v in options.items() if k in AdvantageOptions.names()}
+            **{k: v for k, v in options.items() if k in advantage_names}
         )
-        self.loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
+        self.loss_options = PolicyLossOptions(
+            **{k: v for k, v in options.items() if k in loss_names}
+        )
+        tracked = self.advantage_options.is_risk and self.advantage_options.quantile == "tracker"
+        if gamma is not None:
+            gamma = require_number("gamma", gamma, low=0.0, low_open=True)
+            if not tracked:
+                raise ValueError(
+                    "gamma: only the quantile tracker uses it (quantile='tracker' with a "
+                    f"risk estimator), got quantile={self.advantage_options.quantile!r} and "
+                    f"estimator={self.advantage_options.estimator!r}"
+                )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = require_int("seed", seed, low=0)
+        self.seed = require_int("seed", seed, low=0, high=UINT64_MAX)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.tracker: QuantileTracker | None = None
-        if self.advantage_options.quantile == "tracker":
+        if tracked:
             self.tracker = QuantileTracker(
-                self.advantage_options.alpha, self.advantage_options.beta, gamma
+                self.advantage_options.alpha,
+                self.advantage_options.beta,
+                DEFAULT_GAMMA if gamma is None else gamma,
             )
         self.last_result: AdvantageResult | None = None
 
@@ -82,7 +106,22 @@ class RiskPOLoss(nn.Module):
 
         ``question_ids`` or ``group_size``: as :func:`riskfast.riskpo.advantages`.
         """
-        result = compute_advantages(
+        result, commit = self._pending_advantages(
+            rewards, question_ids, group_size, bundle_ids, member_ids
+        )
+        commit()
+        self.last_result = result
+        return result
+
+    def _pending_advantages(
+        self,
+        rewards: Any,
+        question_ids: Any,
+        group_size: int | None,
+        bundle_ids: Any,
+        member_ids: Any,
+    ) -> tuple[AdvantageResult, Any]:
+        return pending_advantages(
             rewards,
             question_ids,
             self.advantage_options,
@@ -92,8 +131,6 @@ class RiskPOLoss(nn.Module):
             bundle_ids=bundle_ids,
             member_ids=member_ids,
         )
-        self.last_result = result
-        return result
 
     def forward(
         self,
@@ -112,6 +149,10 @@ class RiskPOLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one step.
 
+        Checks every input, computes the advantages and the loss, and only then advances
+        the bundling generator and updates the tracker: a call that raises leaves the
+        module exactly as it was, so a retried step equals an uninterrupted run.
+
         Args:
             logp, old_logp, mask: ``[N, T]`` per-token log-probs (current, behaviour) and
                 response mask; see :func:`riskfast.riskpo.policy_loss`.
@@ -124,40 +165,110 @@ class RiskPOLoss(nn.Module):
         Returns:
             ``(loss, metrics)``: the advantage metrics merged with the loss metrics.
         """
-        result = self.compute_advantages(
-            rewards,
-            question_ids,
-            group_size=group_size,
-            bundle_ids=bundle_ids,
-            member_ids=member_ids,
-        )
-        advantages = result.advantages.to(logp.device)
-        loss, loss_metrics = policy_loss(
+        rewards = as_tensor("rewards", rewards)
+        inputs, _ = check_token_inputs(
             logp,
             old_logp,
-            advantages,
             mask,
             ref_logp=ref_logp,
             entropy=entropy,
             num_items=num_items,
-            **self.loss_options,
+            options=self.loss_options,
+            num_responses=rewards.shape[0] if rewards.dim() == 1 else None,
         )
+        result, commit = self._pending_advantages(
+            rewards, question_ids, group_size, bundle_ids, member_ids
+        )
+        advantages = on_tokens(result.advantages.to(inputs.mask.device), inputs.mask, inputs.dtype)
+        loss, loss_metrics = token_policy_loss(inputs, advantages, self.loss_options)
+        commit()
+        self.last_result = result
         return loss, {**result.metrics, **loss_metrics}
+
+    def _state_options(self) -> dict[str, Any]:
+        """The options that shape the extra state: how the generator advances (the
+        bundling) and, with a tracker, what it tracks."""
+        options = self.advantage_options
+        shaping = {
+            "quantile": "tracker" if self.tracker is not None else "empirical",
+            "bundle_size": options.bundle_size,
+            "shuffle": options.shuffle,
+        }
+        if self.tracker is not None:
+            shaping.update(
+                alpha=self.tracker.alpha,
+                beta=self.tracker.beta,
+                gamma=self.tracker.gamma,
+                score=options.score,
+                drop_last=options.drop_last,
+            )
+        return shaping
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
+            "options": self._state_options(),
             "seed": self.seed,
             "generator": self.generator.get_state(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["generator"])
-        if self.tracker is not None and state["tracker"] is not None:
-            self.tracker.load_state_dict(state["tracker"])
+        """Restore :meth:`get_extra_state`; the whole state is checked before any is taken."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+        if state.get("version") != STATE_VERSION or not isinstance(state.get("options"), dict):
+            raise ValueError(
+                f"state: not a RiskPOLoss state of version {STATE_VERSION} (version "
+                f"{state.get('version')!r}); states saved before version 2 do not carry "
+                "their options and cannot be checked against this module"
+            )
+        check_state_options(state["options"], self._state_options(), "module")
+        seed = require_int("state['seed']", state.get("seed"), low=0, high=UINT64_MAX)
+        generator_state = checked_generator_state(state.get("generator"), self.generator)
+        if self.tracker is not None:
+            checked_tracker_state(state.get("tracker"), self.tracker.levels, self.tracker.gamma)
+        elif state.get("tracker") is not None:
+            raise ValueError("state: holds a tracker state, but its options say 'empirical'")
+        self.seed = seed
+        self.generator.set_state(generator_state)
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])  # checked above: cannot fail
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self.advantage_options).items())
-        losses = ", ".join(f"{k}={v!r}" for k, v in self.loss_options.items())
-        return ", ".join(x for x in (options, losses, f"seed={self.seed}") if x)
+        losses = ", ".join(f"{k}={v!r}" for k, v in vars(self.loss_options).items())
+        gamma = "" if self.tracker is None else f", gamma={self.tracker.gamma}"
+        return ", ".join(x for x in (options, losses, f"seed={self.seed}{gamma}") if x)
+
+
+def check_state_options(saved: Any, expected: dict[str, Any], what: str) -> None:
+    """Raise ``ValueError`` naming the first option whose saved value differs.
+
+    ``saved`` and ``expected`` map option names to values; ``what`` names the object
+    being loaded into ("module", "trainer", ...) for the message.
+    """
+    if not isinstance(saved, dict):
+        raise TypeError(f"state: options must be a dict, got {type(saved).__name__}")
+    for name in [*expected, *sorted(set(saved) - set(expected))]:
+        mine = expected.get(name, "<not set>")
+        theirs = saved.get(name, "<not set>")
+        if theirs != mine:
+            raise ValueError(
+                f"{name}: the checkpoint was saved with {name} = {theirs!r}, this {what} has "
+                f"{mine!r}"
+            )
+
+
+def checked_generator_state(value: Any, generator: torch.Generator) -> torch.Tensor:
+    """A saved ``torch.Generator`` state that ``generator`` can take (else ``ValueError``)."""
+    reference = generator.get_state()
+    if not isinstance(value, torch.Tensor) or value.dtype != reference.dtype:
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"state: generator must be a uint8 tensor (a generator state), got {got}")
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"state: generator state has shape {tuple(value.shape)}, a {generator.device} "
+            f"generator's has {tuple(reference.shape)}"
+        )
+    return value.detach().cpu().clone()

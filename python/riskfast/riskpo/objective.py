@@ -7,12 +7,14 @@ point; the formulas it applies live in :mod:`riskfast.riskpo.estimators`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from .._checks import (
+    INT64_MAX,
     as_tensor,
     require_bool,
     require_choice,
@@ -57,9 +59,6 @@ QUANTILE_MODES = ("empirical", "tracker")
 BACKENDS = ("auto", "torch", "triton")
 CREDIT_STD_FLOOR = 1e-3
 """credit="std": a question whose reward std is below this divides by 1 instead."""
-SAFE_ABS_REWARD_SUM = 0.5 * torch.finfo(torch.float32).max
-"""Below this sum of ``|rewards|`` no member score (a float32 sum of some of them) can
-overflow, so the scores need no check after they are computed."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class AdvantageOptions:
 
     def __post_init__(self) -> None:
         require_choice("estimator", self.estimator, estimator_names())
-        require_int("bundle_size", self.bundle_size, low=1)
+        require_int("bundle_size", self.bundle_size, low=1, high=INT64_MAX)
         alpha = require_number("alpha", self.alpha, low=0.0, high=1.0)
         beta = require_number("beta", self.beta, low=0.0, high=1.0)
         if alpha >= beta:
@@ -153,19 +152,17 @@ class AdvantageResult:
     def metrics(self) -> dict[str, float]:
         """Metrics as Python floats (one host synchronisation)."""
         names = list(self.metric_tensors)
-        values = torch.stack([self.metric_tensors[n].float() for n in names]).tolist()
+        values = torch.stack([self.metric_tensors[n].double() for n in names]).tolist()
         return dict(zip(names, values))
 
 
 def _checked_inputs(
-    rewards: Any, question_ids: Any, group_size: Any, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """Validated float32 rewards, int64 question ids (None with ``group_size``), and
-    whether the member scores may overflow float32 (then they are checked once computed).
+    rewards: Any, question_ids: Any, group_size: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validated float32 rewards and int64 question ids (None with ``group_size``).
 
-    With ``validate`` the value checks cost one host read: the float64 sum of ``|r|`` is
-    non-finite exactly when a reward is (or lies beyond float32), and it bounds every
-    member score.
+    Checks types, shapes and devices; the reward *values* are checked together with what
+    the call computed from them, by :func:`_check_values`.
     """
     rewards = as_tensor("rewards", rewards)
     require_real("rewards", rewards)
@@ -173,7 +170,6 @@ def _checked_inputs(
     n = rewards.numel()
     if n == 0:
         raise ValueError("rewards: is empty; advantages need at least one response")
-    require_bool("validate", validate)
     if question_ids is None and group_size is None:
         raise ValueError(
             "question_ids: required, unless group_size gives G for responses stored "
@@ -182,7 +178,7 @@ def _checked_inputs(
     if question_ids is not None and group_size is not None:
         raise ValueError("group_size: give question_ids or group_size, not both")
     if group_size is not None:
-        require_int("group_size", group_size, low=1)
+        require_int("group_size", group_size, low=1, high=INT64_MAX)
         if n % group_size:
             raise ValueError(
                 f"group_size: {n} responses do not split into questions of {group_size}"
@@ -195,21 +191,40 @@ def _checked_inputs(
             raise ValueError(f"question_ids: has {question_ids.numel()} entries, rewards has {n}")
         require_same_device("question_ids", question_ids, "rewards", rewards)
         question_ids = question_ids.long()
-    as_float32 = rewards.detach().float()
-    if not validate:
-        return as_float32, question_ids, False
-    abs_sum = float(as_float32.abs().double().sum())
+    return rewards.detach().float(), question_ids
+
+
+def _check_values(
+    rewards: torch.Tensor,
+    original: Any,
+    scores: torch.Tensor,
+    quantiles: torch.Tensor,
+    flat: torch.Tensor,
+) -> None:
+    """Spec section 5 with one host read: refuse non-finite rewards (or rewards beyond
+    float32), and finite rewards whose scores, quantiles or advantages overflowed float32
+    on the way (huge rewards, or huge weights such as ``omega``). Runs after the
+    computation and before any state is changed, so a refused call changes nothing.
+
+    The float64 sum of ``|r|`` is non-finite exactly when a reward is (or lies beyond
+    float32).
+    """
+    abs_sum, computed_finite = torch.stack(
+        [
+            rewards.abs().double().sum(),
+            torch.stack([torch.isfinite(t).all() for t in (scores, quantiles, flat)])
+            .all()
+            .double(),
+        ]
+    ).tolist()
     if not math.isfinite(abs_sum):
-        require_finite("rewards", rewards)
+        require_finite("rewards", as_tensor("rewards", original))
         raise ValueError("rewards: values beyond the float32 range (about 3.4e38); rescale them")
-    return as_float32, question_ids, abs_sum >= SAFE_ABS_REWARD_SUM
-
-
-def _check_scores(scores: torch.Tensor, may_overflow: bool) -> torch.Tensor:
-    """Refuse member scores that overflowed float32 (read only when they may have)."""
-    if may_overflow and not bool(torch.isfinite(scores).all()):
-        raise ValueError("rewards: member scores overflow float32; rescale the rewards")
-    return scores
+    if not computed_finite:
+        raise ValueError(
+            "rewards: the member scores or advantages overflow float32 at this reward scale "
+            f"(sum of |rewards| {abs_sum:.3g}) with these weights; rescale the rewards"
+        )
 
 
 def advantages(
@@ -344,18 +359,59 @@ def compute_advantages(
     validate: bool = True,
 ) -> AdvantageResult:
     """:func:`advantages` with its options already gathered in an :class:`AdvantageOptions`."""
+    result, commit = pending_advantages(
+        rewards,
+        question_ids,
+        options,
+        group_size=group_size,
+        tracker=tracker,
+        update_tracker=update_tracker,
+        generator=generator,
+        bundle_ids=bundle_ids,
+        member_ids=member_ids,
+        backend=backend,
+        validate=validate,
+    )
+    commit()
+    return result
+
+
+def pending_advantages(
+    rewards: Any,
+    question_ids: Any,
+    options: AdvantageOptions,
+    *,
+    group_size: int | None = None,
+    tracker: QuantileTracker | None = None,
+    update_tracker: bool = True,
+    generator: torch.Generator | None = None,
+    bundle_ids: Any = None,
+    member_ids: Any = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[AdvantageResult, Callable[[], None]]:
+    """:func:`compute_advantages` without changing any state: the result, and ``commit``.
+
+    The bundling is drawn from a copy of ``generator`` (of torch's default generator when
+    None) and the tracker's new values are computed but not assigned; ``commit()``
+    advances the generator and updates the tracker exactly as the call would have, and
+    changes nothing else. A caller with more work that may fail (``RiskPOLoss.forward``
+    computing its loss) commits once that work has succeeded, so that a failed step
+    leaves every state as it was. ``commit`` runs no collective and reads nothing.
+    """
     if not isinstance(options, AdvantageOptions):
         raise TypeError(f"options: expected AdvantageOptions, got {type(options).__name__}")
-    rewards, question_ids, may_overflow = _checked_inputs(
-        rewards, question_ids, group_size, validate
-    )
+    original_rewards = rewards
+    rewards, question_ids = _checked_inputs(rewards, question_ids, group_size)
+    require_bool("validate", validate)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     require_bool("update_tracker", update_tracker)
     if (bundle_ids is None) != (member_ids is None):
         missing = "member_ids" if member_ids is None else "bundle_ids"
         raise ValueError(f"{missing}: bundle_ids and member_ids must be given together")
-    if options.is_risk and options.quantile == "tracker":
+    use_tracker = options.is_risk and options.quantile == "tracker"
+    if use_tracker:
         if not isinstance(tracker, QuantileTracker):
             raise ValueError(
                 "tracker: quantile='tracker' needs a QuantileTracker kept across steps"
@@ -365,6 +421,12 @@ def compute_advantages(
                 f"tracker: its levels {tracker.levels} differ from (alpha, beta) = "
                 f"({options.alpha}, {options.beta})"
             )
+    elif tracker is not None:
+        used_by = "a mean-based estimator" if not options.is_risk else "quantile='empirical'"
+        raise ValueError(
+            f"tracker: given, but {used_by} does not use it (estimator={options.estimator!r}, "
+            f"quantile={options.quantile!r}); pass quantile='tracker' or no tracker"
+        )
 
     require_choice("backend", backend, BACKENDS)
 
@@ -372,13 +434,19 @@ def compute_advantages(
         layout = consecutive_layout(rewards.numel(), group_size, rewards.device)
     else:
         layout = group_layout(question_ids)
+    draws = None
     if not options.is_risk:
         bundling = question_bundling(layout)
     elif bundle_ids is not None:
         bundling = explicit_bundling(layout, bundle_ids, member_ids, rewards)
     else:
+        if options.shuffle:
+            draws = _GeneratorCopy(generator, rewards.device)
         bundling = draw_bundling(
-            layout, options.bundle_size, shuffle=options.shuffle, generator=generator
+            layout,
+            options.bundle_size,
+            shuffle=options.shuffle,
+            generator=None if draws is None else draws.copy,
         )
     num_kept = bundling.num_bundles
     smaller_last = options.is_risk and layout.num_questions % options.bundle_size != 0
@@ -390,31 +458,31 @@ def compute_advantages(
     member_response = member_response_table(layout, bundling)
 
     use_triton = _use_triton(backend, rewards, layout, options)
-    use_tracker = options.is_risk and options.quantile == "tracker"
-    tracked = None
+    tracked, tracked_unchecked = None, False
     if use_tracker:
         assert tracker is not None
-        if not tracker.initialized:
-            # Initialise from the scores of the path that will use them, so that a score
-            # equal to the initial quantile compares equal (no one-ulp disagreement).
+        if tracker.settled:
+            tracked = tracker.values
+        else:
+            # Start from the scores of the path that will use them, so that a score equal
+            # to the initial quantile compares equal (no one-ulp disagreement).
             first_scores = (
                 _kernel_path(rewards, member_response, kept, None, options)[0]
                 if use_triton
                 else _member_scores(rewards, member_response, bundling, options)
             )
-            tracker.initialize(_check_scores(first_scores, may_overflow)[:num_kept])
-        assert tracker.values is not None
-        tracked = tracker.values.to(rewards.device)
+            first_scores = first_scores[:num_kept]
+            tracked, tracked_unchecked = tracker.values_for_step(first_scores, finite=validate)
+        # None: no value yet and no kept score on any rank (drop_last with fewer questions
+        # than bundle_size); every bundle is dropped, the empirical quantiles are reported.
+        tracked = None if tracked is None else tracked.to(rewards.device)
 
     if use_triton:
         scores, quantiles, member_advantages, flat = _kernel_path(
             rewards, member_response, kept, tracked, options
         )
-        _check_scores(scores, may_overflow)
     else:
-        scores = _check_scores(
-            _member_scores(rewards, member_response, bundling, options), may_overflow
-        )
+        scores = _member_scores(rewards, member_response, bundling, options)
         if not options.is_risk:
             quantiles = empirical_quantiles(scores, options.levels_tuple())
             member_advantages = mean_member_advantages(scores, options)
@@ -427,10 +495,47 @@ def compute_advantages(
             member_advantages = member_advantages * kept[:, None]
         flat = _to_responses(rewards, member_response, member_advantages, options)
 
-    if use_tracker and update_tracker:
+    if validate:
+        _check_values(rewards, original_rewards, scores, quantiles, flat)
+    else:
+        flat, member_advantages = _zero_non_finite_bundles(
+            flat, member_advantages, bundling, layout
+        )
+    new_values = None
+    if use_tracker and update_tracker and tracked is not None:
         assert tracker is not None
-        tracker.update(scores[:num_kept])
-    return _result(rewards, layout, bundling, flat, scores, quantiles, member_advantages, num_kept)
+        new_values = tracker.stepped(tracked, scores[:num_kept])
+    result = _result(
+        rewards, layout, bundling, flat, scores, quantiles, member_advantages, num_kept
+    )
+
+    def commit() -> None:
+        if draws is not None:
+            draws.commit()
+        if use_tracker and update_tracker:
+            assert tracker is not None
+            tracker.commit(new_values, unchecked=tracked_unchecked)
+
+    return result, commit
+
+
+class _GeneratorCopy:
+    """A copy of ``generator`` (torch's default one for ``device`` when None) to draw
+    from; :meth:`commit` moves the original to where the copy has got."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
+        if generator is None:
+            generator = (
+                torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+                if device.type == "cuda"
+                else torch.default_generator
+            )
+        self.original = generator
+        self.copy = torch.Generator(device=generator.device)
+        self.copy.set_state(generator.get_state())
+
+    def commit(self) -> None:
+        self.original.set_state(self.copy.get_state())
 
 
 def _kernel_path(
@@ -533,6 +638,17 @@ def _zero_degenerate_rows(
     return torch.where(degenerate[:, None], torch.zeros_like(values), values)
 
 
+def _zero_non_finite_bundles(
+    flat: torch.Tensor, member_advantages: torch.Tensor, bundling: Bundling, layout: GroupLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``validate=False``: a bundle with a non-finite member advantage (its scores or
+    quantiles were not finite, or finite rewards overflowed on the way) gets 0 on every
+    response; decided on the device, no host read."""
+    bad = ~torch.isfinite(member_advantages).all(dim=1)
+    flat = torch.where(bad[bundling.response_bundle_ids(layout)], 0.0, flat)
+    return flat, torch.where(bad[:, None], 0.0, member_advantages)
+
+
 def _credit_scale(question_rewards: torch.Tensor) -> torch.Tensor:
     """``[M, 1]`` divisor of credit="std": each row's unbiased std, 1 when below 1e-3
     (or not finite, which only ``validate=False`` can produce)."""
@@ -582,12 +698,14 @@ def _result(
         "num_questions": layout.num_questions,
         "group_size": layout.group_size,
     }
+    # float64 reductions: means and spreads of finite float32 values never overflow.
+    wide_flat, wide_quantiles = flat.double(), quantiles.double()
     metrics = {
-        "advantage_mean": flat.mean(),
-        "advantage_std": flat.std(correction=0),
-        "score_mean": scores.mean(),
-        "quantile_alpha": quantiles[:, 0].mean(),
-        "quantile_beta": quantiles[:, 1].mean(),
+        "advantage_mean": wide_flat.mean(),
+        "advantage_std": wide_flat.std(correction=0),
+        "score_mean": scores.double().mean(),
+        "quantile_alpha": wide_quantiles[:, 0].mean(),
+        "quantile_beta": wide_quantiles[:, 1].mean(),
         "zero_advantage_bundle_frac": (member_advantages == 0).all(dim=1).float().mean(),
         # torch.full writes on the device; torch.tensor would copy from the host.
         **{k: torch.full((), float(v), device=device) for k, v in counts.items()},

@@ -10,7 +10,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._checks import as_tensor, require_ndim, require_number, require_real
+from .._checks import (
+    as_tensor,
+    require_bool,
+    require_int,
+    require_ndim,
+    require_number,
+    require_real,
+)
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def unbiased_std(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -68,11 +77,19 @@ class QuantileTracker:
 
         q_s <- q_s + gamma * (s - mean(1[S < q_s]))
 
-    where the mean runs over every member score ``S`` of the step (spec section 2). The
-    first step initialises ``q`` to the empirical quantiles of its scores. Under
+    where the mean runs over every finite member score ``S`` of the step (spec section 2;
+    non-finite scores, which only ``advantages(validate=False)`` or a direct
+    :meth:`update` can pass, are left out of the mean instead of counting as "not
+    below"). The first step with a finite score initialises ``q`` to the empirical
+    quantiles of its finite scores; until then the tracker stays uninitialised. Under
     ``torch.distributed`` both the initial quantiles and the indicator means are taken
     over the union of all ranks' scores (all-gather / all-reduce of sums and counts), so
-    every rank holds bitwise the same values as one process fed the union.
+    every rank holds bitwise the same values as one process fed the union. The estimates
+    are kept inside the float32 range.
+
+    Every call either completes or leaves the tracker as it was: the new values are
+    computed first and assigned last, and :meth:`load_state_dict` checks the whole state
+    before taking any of it.
 
     Args:
         alpha: lower level, ``0 <= alpha < beta``.
@@ -99,13 +116,22 @@ class QuantileTracker:
             raise ValueError(f"beta: must be greater than alpha ({self.alpha}), got {self.beta}")
         self.gamma = require_number("gamma", gamma, low=0.0, low_open=True)
         self.process_group = process_group
-        self.gathered = bool(gathered)
+        self.gathered = require_bool("gathered", gathered)
         self.values: torch.Tensor | None = None
         self.num_updates = 0
+        # True when ``values`` were set from scores nobody checked (validate=False): they
+        # may then be NaN (no finite score yet), which the next step repairs on the device.
+        self._unchecked = False
 
     @property
     def initialized(self) -> bool:
         return self.values is not None
+
+    @property
+    def settled(self) -> bool:
+        """True when the values are known to be finite (a step need not look at its scores
+        to start the tracker)."""
+        return self.values is not None and not self._unchecked
 
     @property
     def levels(self) -> tuple[float, float]:
@@ -124,74 +150,120 @@ class QuantileTracker:
         require_ndim("scores", scores, (1, 2), "[M] or [nb, G]")
         return scores
 
-    def initialize(self, scores: torch.Tensor) -> None:
-        """Set the estimates to the empirical quantiles of ``scores`` (all ranks).
+    def initial_values(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Empirical ``[2]`` float32 quantiles of the finite ``scores`` of all ranks.
 
-        Non-finite scores (which ``advantages(validate=False)`` lets through) are left out.
+        None when no rank has a score at all; NaN (not read back) when none is finite.
+        Changes nothing.
         """
         pooled = self._pooled(self._checked(scores))
         if pooled.numel() == 0:
-            raise ValueError("scores: cannot initialise the tracker from no scores")
+            return None
         levels = level_tensor(self.levels, torch.float32, pooled.device)
         finite = torch.where(torch.isfinite(pooled), pooled, torch.nan)
-        self.values = torch.nanquantile(finite, levels)
+        return torch.nanquantile(finite, levels)
 
-    def update(self, scores: torch.Tensor) -> torch.Tensor:
+    def initialize(self, scores: torch.Tensor) -> None:
+        """Set the estimates to the empirical quantiles of the finite ``scores`` (all ranks).
+
+        Raises ``ValueError`` naming ``scores`` (and changes nothing) when there is no
+        finite score to start from.
+        """
+        values = self.initial_values(scores)
+        if values is None or not bool(torch.isfinite(values).all()):
+            raise ValueError("scores: no finite score to initialise the tracker from")
+        self.values, self._unchecked = values, False
+
+    def values_for_step(
+        self, scores: torch.Tensor, *, finite: bool
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The estimates a step with these ``scores`` uses, and whether they may be NaN.
+
+        An uninitialised tracker (or one whose values may still be NaN) takes the empirical
+        quantiles of ``scores`` (collective under ``torch.distributed``). ``finite``: the
+        caller knows every score is finite (then the values are). Changes nothing; None
+        when no value is known and no rank has a score.
+        """
+        if self.settled:
+            return self.values, False
+        fresh = self.initial_values(scores)
+        if fresh is None:
+            return self.values, self._unchecked
+        if self.values is None:
+            return fresh, not finite
+        values = self.values.to(fresh.device)
+        return torch.where(torch.isnan(values), fresh, values), not finite
+
+    def stepped(self, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """One stochastic-approximation step from ``values`` with this step's ``scores``.
+
+        Returns the new ``[2]`` float32 estimates (``values`` when no rank has a finite
+        score); collective under ``torch.distributed``, no host read. Changes nothing.
+        """
+        scores = self._checked(scores).detach().float().flatten()
+        values = values.to(scores.device)
+        usable = torch.isfinite(scores)
+        below = ((scores[None, :] < values[:, None]) & usable).sum(dim=1).double()
+        totals = torch.cat([below, usable.sum().double()[None]])
+        if self._communicates():
+            dist.all_reduce(totals, group=self.process_group)
+        # No step when no rank had a finite score; decided on the device (no host read).
+        fraction = totals[:2] / totals[2].clamp_min(1.0)
+        levels = level_tensor(self.levels, torch.float64, values.device)
+        stepped = (values.double() + self.gamma * (levels - fraction)).clamp(
+            -FLOAT32_MAX, FLOAT32_MAX
+        )
+        return torch.where(totals[2] > 0, stepped.float(), values)
+
+    def commit(self, values: torch.Tensor | None, *, unchecked: bool) -> None:
+        """Take ``values`` (from :meth:`values_for_step` and :meth:`stepped`) as the new
+        estimates and count the update; ``unchecked``: they may be NaN."""
+        self.values = values
+        self._unchecked = unchecked and values is not None
+        self.num_updates += 1
+
+    def update(self, scores: torch.Tensor) -> torch.Tensor | None:
         """Apply one stochastic-approximation step with this step's member scores.
 
         Args:
             scores: this rank's member scores, ``[M]`` (or ``[nb, G]``, flattened).
+                Non-finite scores are left out; a tracker that has seen no finite score
+                stays uninitialised (one host read decides, on such steps only).
 
         Returns:
-            The new ``[2]`` float32 estimates.
+            The new ``[2]`` float32 estimates (None while uninitialised).
         """
-        scores = self._checked(scores).detach().float().flatten()
-        if self.values is None:
-            self.initialize(scores)
-        assert self.values is not None
-        values = self.values.to(scores.device)
-        below = (scores[None, :] < values[:, None]).sum(dim=1).double()
-        count = torch.full((1,), float(scores.numel()), dtype=torch.float64, device=below.device)
-        totals = torch.cat([below, count])
-        if self._communicates():
-            dist.all_reduce(totals, group=self.process_group)
-        # No step when no rank had a score; decided on the device (no host read).
-        fraction = totals[:2] / totals[2].clamp_min(1.0)
-        levels = level_tensor(self.levels, torch.float64, values.device)
-        stepped = (values.double() + self.gamma * (levels - fraction)).float()
-        values = torch.where(totals[2] > 0, stepped, values)
-        self.values = values
-        self.num_updates += 1
+        scores = self._checked(scores)
+        values, unchecked = self.values_for_step(scores, finite=False)
+        if values is not None:
+            values = self.stepped(values, scores)
+            if unchecked and not bool(torch.isfinite(values).all()):
+                values = None
+        self.commit(values, unchecked=False)
         return values
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly (levels, step size, estimates)."""
+        values = None if self.values is None else self.values.detach().cpu().clone()
+        if values is not None and self._unchecked and not bool(torch.isfinite(values).all()):
+            values = None  # no finite score seen yet: uninitialised
         return {
             "alpha": self.alpha,
             "beta": self.beta,
             "gamma": self.gamma,
-            "values": None if self.values is None else self.values.detach().cpu().clone(),
+            "values": values,
             "num_updates": self.num_updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the levels must match this tracker's."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
-        missing = {"alpha", "beta", "gamma", "values", "num_updates"} - set(state)
-        if missing:
-            raise ValueError(f"state: missing keys {sorted(missing)}")
-        if (float(state["alpha"]), float(state["beta"])) != self.levels:
-            raise ValueError(
-                f"state: levels ({state['alpha']}, {state['beta']}) differ from this "
-                f"tracker's {self.levels}"
-            )
-        self.gamma = float(state["gamma"])
-        values = state["values"]
-        self.values = (
-            None if values is None else torch.as_tensor(values, dtype=torch.float32).clone()
-        )
-        self.num_updates = int(state["num_updates"])
+        """Restore a :meth:`state_dict`.
+
+        The levels and step size must equal this tracker's (an error names the option
+        that differs); ``values`` must be None or two finite numbers. The whole state is
+        checked before any of it is taken.
+        """
+        values, num_updates = checked_tracker_state(state, self.levels, self.gamma)
+        self.values, self.num_updates, self._unchecked = values, num_updates, False
 
     def __repr__(self) -> str:
         values = None if self.values is None else [round(v, 6) for v in self.values.tolist()]
@@ -199,3 +271,66 @@ class QuantileTracker:
             f"QuantileTracker(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
             f"values={values}, num_updates={self.num_updates})"
         )
+
+
+TRACKER_STATE_KEYS = ("alpha", "beta", "gamma", "values", "num_updates")
+
+
+def checked_tracker_state(
+    state: Any, levels: tuple[float, float] | None = None, gamma: float | None = None
+) -> tuple[torch.Tensor | None, int]:
+    """Validate a :meth:`QuantileTracker.state_dict` (without loading it anywhere).
+
+    Args:
+        state: the state dict.
+        levels, gamma: the options it must match (None: any valid value).
+
+    Returns:
+        ``(values, num_updates)``: values as a ``[2]`` float32 CPU tensor or None.
+
+    Raises:
+        TypeError / ValueError: naming ``state`` for a malformed state, or the option
+        (``alpha``, ``beta``, ``gamma``) whose saved value differs.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+    missing = sorted(set(TRACKER_STATE_KEYS) - set(state))
+    unknown = sorted(set(state) - set(TRACKER_STATE_KEYS))
+    if missing or unknown:
+        raise ValueError(
+            f"state: not a QuantileTracker state (missing keys {missing}, unknown keys {unknown})"
+        )
+    saved = {
+        "alpha": require_number("state['alpha']", state["alpha"], low=0.0, high=1.0),
+        "beta": require_number("state['beta']", state["beta"], low=0.0, high=1.0),
+        "gamma": require_number("state['gamma']", state["gamma"], low=0.0, low_open=True),
+    }
+    if saved["alpha"] >= saved["beta"]:
+        raise ValueError(f"state: alpha = {saved['alpha']} is not below beta = {saved['beta']}")
+    expected = {}
+    if levels is not None:
+        expected.update(alpha=levels[0], beta=levels[1])
+    if gamma is not None:
+        expected["gamma"] = gamma
+    for name, value in expected.items():
+        if saved[name] != value:
+            raise ValueError(
+                f"{name}: the checkpoint was saved with {name} = {saved[name]}, this tracker "
+                f"has {value}"
+            )
+    num_updates = require_int("state['num_updates']", state["num_updates"], low=0)
+    values = state["values"]
+    if values is None:
+        return None, num_updates
+    if isinstance(values, torch.Tensor):
+        require_real("state['values']", values)
+    values = as_tensor("state['values']", values)
+    if values.is_complex() or values.shape != (2,):
+        raise ValueError(
+            f"state: values must be None or 2 real numbers (q_alpha, q_beta), got shape "
+            f"{tuple(values.shape)}"
+        )
+    values = values.detach().to(device="cpu", dtype=torch.float32).clone()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"state: values must be finite (or None), got {values.tolist()}")
+    return values, num_updates
