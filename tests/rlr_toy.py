@@ -77,6 +77,7 @@ def scheduler(num_steps: int = 10, spacing: str = "trailing", **config):
     from diffusers import DDIMScheduler
 
     config.setdefault("set_alpha_to_one", False)
+    config.setdefault("clip_sample", False)
     sched = DDIMScheduler(timestep_spacing=spacing, **config)
     sched.set_timesteps(num_steps)
     return sched
