@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -298,3 +299,164 @@ def test_first_tracker_step_counts_no_score_below_its_own_quantile(backend: str)
     )
     score = result.scores.item()
     assert values_of(tracker) == pytest.approx([score, score + 0.05], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# non-finite scores, checkpoints that do not fit, drop_last (issue 11)
+# ----------------------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+def test_a_first_update_without_a_finite_score_leaves_the_tracker_uninitialised() -> None:
+    tracker = QuantileTracker(alpha=0.2, beta=0.8, gamma=0.1)
+    assert tracker.update(torch.tensor([NAN, INF, -INF])) is None
+    assert tracker.values is None and not tracker.initialized and tracker.num_updates == 1
+    assert tracker.state_dict()["values"] is None
+    # the next finite step starts the tracker as if it were the first
+    tracker.update(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))
+    expected = oracle_tracker_update(None, [0.0, 1.0, 2.0, 3.0, 4.0], 0.2, 0.8, 0.1)
+    assert values_of(tracker) == pytest.approx(list(expected), abs=1e-6)
+
+
+def test_non_finite_scores_are_left_out_of_the_initial_quantiles_and_the_indicator_mean() -> None:
+    # A NaN used to count as "not below" (pushing q up); an inf is left out as well.
+    tracker = QuantileTracker(alpha=0.2, beta=0.8, gamma=0.1)
+    tracker.update(torch.tensor([NAN, 0.0, 1.0, INF, 2.0, 3.0, 4.0]))
+    expected = oracle_tracker_update(None, [0.0, 1.0, 2.0, 3.0, 4.0], 0.2, 0.8, 0.1)
+    assert values_of(tracker) == pytest.approx(list(expected), abs=1e-6)
+    tracker.update(torch.tensor([NAN, NAN, NAN, 0.5, -INF, 5.0]))
+    expected = oracle_tracker_update(expected, [0.5, 5.0], 0.2, 0.8, 0.1)
+    assert values_of(tracker) == pytest.approx(list(expected), abs=1e-6)
+
+
+def test_initialize_without_a_finite_score_is_refused_and_changes_nothing() -> None:
+    tracker = QuantileTracker()
+    for scores in (torch.tensor([NAN, NAN]), torch.zeros(0)):
+        with pytest.raises(ValueError, match="^scores: no finite score"):
+            tracker.initialize(scores)
+        assert tracker.values is None and tracker.num_updates == 0
+
+
+# The Triton interpreter computes with numpy, which warns about the NaN fed on purpose.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_unvalidated_all_nan_step_does_not_poison_the_next_steps(backend: str) -> None:
+    # validate=False: no host read, so the tracker may hold NaN after the first step;
+    # the next step starts it from its own finite scores, on the device.
+    kwargs = {"group_size": 4, "bundle_size": 2, "quantile": "tracker", "backend": backend}
+    tracker = QuantileTracker(gamma=0.2)
+    bad = advantages(
+        torch.full((16,), NAN),
+        tracker=tracker,
+        validate=False,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    assert torch.equal(bad.advantages, torch.zeros(16))
+    assert tracker.state_dict()["values"] is None  # saved as uninitialised
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 1, 0, 1, 1, 1])
+    reference = QuantileTracker(gamma=0.2)
+    for step in range(2):
+        out = advantages(
+            rewards,
+            tracker=tracker,
+            validate=False,
+            generator=torch.Generator().manual_seed(step),
+            **kwargs,
+        )
+        ref = advantages(
+            rewards, tracker=reference, generator=torch.Generator().manual_seed(step), **kwargs
+        )
+        assert torch.equal(out.advantages, ref.advantages), step
+        assert torch.equal(tracker.values, reference.values), step
+    assert bool((ref.advantages != 0).any())
+
+
+def _trained_tracker() -> QuantileTracker:
+    tracker = QuantileTracker(alpha=0.2, beta=0.8, gamma=0.1)
+    tracker.update(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    return tracker
+
+
+BAD_STATES = [
+    (
+        "nan values",
+        {"values": torch.tensor([NAN, 1.0])},
+        ValueError,
+        "^state: values must be finite",
+    ),
+    ("inf values", {"values": [0.0, INF]}, ValueError, "^state: values must be finite"),
+    ("wrong shape", {"values": torch.zeros(3)}, ValueError, "^state: values must be None or 2"),
+    ("2-d values", {"values": torch.zeros(2, 1)}, ValueError, "^state: values must be None or 2"),
+    ("string values", {"values": "0.2"}, TypeError, r"^state\['values'\]"),
+    ("negative gamma", {"gamma": -0.1}, ValueError, r"^state\['gamma'\]: must be > 0"),
+    (
+        "other gamma",
+        {"gamma": 0.5},
+        ValueError,
+        "^gamma: the checkpoint was saved with gamma = 0.5",
+    ),
+    (
+        "other alpha",
+        {"alpha": 0.1},
+        ValueError,
+        "^alpha: the checkpoint was saved with alpha = 0.1",
+    ),
+    ("other beta", {"beta": 0.9}, ValueError, "^beta: the checkpoint was saved with beta = 0.9"),
+    ("negative count", {"num_updates": -1}, ValueError, r"^state\['num_updates'\]"),
+    ("float count", {"num_updates": 2.0}, TypeError, r"^state\['num_updates'\]"),
+    ("unknown key", {"step": 3}, ValueError, r"^state: not a QuantileTracker state .*\['step'\]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"), [c[1:] for c in BAD_STATES], ids=[c[0] for c in BAD_STATES]
+)
+def test_load_state_dict_refuses_a_bad_state_whole(
+    change: dict, error: type[Exception], match: str
+) -> None:
+    state = {**_trained_tracker().state_dict(), **change}
+    tracker = _trained_tracker()
+    tracker.update(torch.tensor([5.0, 6.0]))
+    before, count = tracker.values.clone(), tracker.num_updates
+    with pytest.raises(error, match=match):
+        tracker.load_state_dict(state)
+    assert torch.equal(tracker.values, before) and tracker.num_updates == count
+
+
+def test_load_state_dict_refuses_a_missing_key_and_a_non_dict() -> None:
+    tracker = _trained_tracker()
+    state = tracker.state_dict()
+    del state["values"]
+    with pytest.raises(ValueError, match=r"^state: .*missing keys \['values'\]"):
+        tracker.load_state_dict(state)
+    with pytest.raises(TypeError, match="^state: expected a dict"):
+        tracker.load_state_dict([("values", None)])  # type: ignore[arg-type]
+
+
+def test_drop_last_with_fewer_questions_than_bundle_size_keeps_the_tracker_waiting() -> None:
+    # 3 questions, bundles of 5, drop_last: the only bundle is dropped. Valid input: every
+    # advantage is 0, nothing feeds the tracker, and the reported quantiles are finite.
+    tracker = QuantileTracker(gamma=0.1)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    result = advantages(
+        rewards, group_size=2, bundle_size=5, drop_last=True, quantile="tracker", tracker=tracker
+    )
+    assert torch.equal(result.advantages, torch.zeros(6))
+    assert not tracker.initialized
+    assert all(math.isfinite(v) for v in result.metrics.values()), result.metrics
+    assert result.metrics["dropped_response_frac"] == 1.0
+    # Six questions: one kept bundle of five starts the tracker from its scores only.
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1])
+    result = advantages(
+        rewards,
+        group_size=2,
+        bundle_size=5,
+        drop_last=True,
+        quantile="tracker",
+        tracker=tracker,
+        shuffle=False,
+    )
+    kept = result.scores[0].tolist()
+    expected = oracle_tracker_update(None, kept, 0.2, 0.8, 0.1)
+    assert values_of(tracker) == pytest.approx(list(expected), abs=1e-6)
