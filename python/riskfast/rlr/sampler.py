@@ -455,16 +455,17 @@ class GuidedDenoiser:
         position = len(self.timesteps) - step
         timestep = self.timesteps[position]
         rows = slice(0, self.base_batch * self.repeats) if rows is None else rows
+        # Counted before the call: a checkpoint's recomputation may stop inside the
+        # denoiser once it has rebuilt what backward needs, and it still cost a forward.
+        self.evaluations += sample.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
         out = call_denoiser(
             self.denoiser, sample, timestep, self._kwargs(self.cond, position, rows)
         )
-        self.evaluations += sample.shape[0]
         if self.guidance_scale == 1.0:
             return out
         unguided = call_denoiser(
             self.denoiser, sample, timestep, self._kwargs(self.uncond, position, rows)
         )
-        self.evaluations += sample.shape[0]
         return unguided + self.guidance_scale * (out - unguided)
 
 
