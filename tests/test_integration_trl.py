@@ -84,17 +84,39 @@ def test_supported_version_pinned() -> None:
 
 def test_config_names_do_not_clash(tmp_path: Path) -> None:
     config = RiskPOConfig(
-        output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, use_cpu=True, report_to="none",
-        num_generations=4, per_device_train_batch_size=8, risk_beta=0.9, beta=0.04,
+        output_dir=str(tmp_path),
+        bf16=False,
+        activation_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        num_generations=4,
+        per_device_train_batch_size=8,
+        risk_beta=0.9,
+        beta=0.04,
     )
     assert config.beta == 0.04  # TRL's KL coefficient stays TRL's
     assert config.advantage_options().beta == 0.9
     with pytest.raises(ValueError, match="alpha"):
-        RiskPOConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, use_cpu=True, num_generations=4,
-                     per_device_train_batch_size=8, risk_alpha=0.9, risk_beta=0.5)
+        RiskPOConfig(
+            output_dir=str(tmp_path),
+            bf16=False,
+            activation_checkpointing=False,
+            use_cpu=True,
+            num_generations=4,
+            per_device_train_batch_size=8,
+            risk_alpha=0.9,
+            risk_beta=0.5,
+        )
     with pytest.raises(ValueError, match="loss_type"):
-        RiskPOConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, use_cpu=True, num_generations=4,
-                     per_device_train_batch_size=8, loss_type="cispo")
+        RiskPOConfig(
+            output_dir=str(tmp_path),
+            bf16=False,
+            activation_checkpointing=False,
+            use_cpu=True,
+            num_generations=4,
+            per_device_train_batch_size=8,
+            loss_type="cispo",
+        )
 
 
 def test_real_training_steps(tmp_path: Path) -> None:
@@ -107,8 +129,14 @@ def test_real_training_steps(tmp_path: Path) -> None:
     logs = [h for h in trainer.state.log_history if "riskpo/quantile_alpha" in h]
     assert len(logs) == 3
     for entry in logs:
-        for key in ("reward", "entropy", "clip_ratio/region_mean", "riskpo/quantile_beta",
-                    "riskpo/advantage_std", "riskpo/zero_advantage_bundle_frac"):
+        for key in (
+            "reward",
+            "entropy",
+            "clip_ratio/region_mean",
+            "riskpo/quantile_beta",
+            "riskpo/advantage_std",
+            "riskpo/zero_advantage_bundle_frac",
+        ):
             assert key in entry and entry[key] is not None
     last = trainer.riskpo_last
     # The trainer's advantages are riskfast's on the gathered rewards, with its generator.
@@ -129,7 +157,9 @@ def test_loss_is_riskfast_policy_loss(tmp_path: Path) -> None:
     attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     width = inputs["completion_ids"].shape[1]
     with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, width)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, width
+        )
     # An old policy that differs from the current one, so ratios and clipping matter.
     noise = torch.randn(logps.shape, generator=torch.Generator().manual_seed(0))
     inputs["old_per_token_logps"] = logps + 0.3 * noise
@@ -145,9 +175,17 @@ def test_loss_is_riskfast_policy_loss(tmp_path: Path) -> None:
     )
     normaliser = float(inputs["num_items_in_batch"])  # dapo: one process, no accumulation
     expected, metrics = policy_loss(
-        logps2, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
-        ratio_level="token", eps_low=0.2, eps_high=0.2, dual_clip=3.0, entropy=entropy,
-        agg="token-mean", num_items=normaliser,
+        logps2,
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        inputs["completion_mask"],
+        ratio_level="token",
+        eps_low=0.2,
+        eps_high=0.2,
+        dual_clip=3.0,
+        entropy=entropy,
+        agg="token-mean",
+        num_items=normaliser,
     )
     expected.backward()
     grad_expected = torch.cat([p.grad.flatten().clone() for p in trainer.model.parameters()])
@@ -168,7 +206,9 @@ def test_grpo_estimator_matches_trl_advantages(tmp_path: Path) -> None:
         # TRL divides by (std + 1e-4), riskfast by (std + 1e-6): equal to ~1e-4 relative.
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-6)
         # ... and exactly riskfast's function on the same rewards.
-        expected = riskpo_advantages(last["rewards"], last["question_ids"], estimator="grpo").advantages
+        expected = riskpo_advantages(
+            last["rewards"], last["question_ids"], estimator="grpo"
+        ).advantages
         assert torch.equal(ours, expected)
 
 
@@ -195,8 +235,13 @@ def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
     assert torch.equal(resumed.riskpo_generator.get_state(), full.riskpo_generator.get_state())
     for step in (3, 4):
         a, b = _log_at(full, step), _log_at(resumed, step)
-        for key in ("reward", "riskpo/quantile_alpha", "riskpo/quantile_beta",
-                    "riskpo/advantage_std", "entropy"):
+        for key in (
+            "reward",
+            "riskpo/quantile_alpha",
+            "riskpo/quantile_beta",
+            "riskpo/advantage_std",
+            "entropy",
+        ):
             assert a[key] == b[key], (step, key, a[key], b[key])
     assert torch.equal(params(full), params(resumed))
 
@@ -206,13 +251,16 @@ def test_no_trl_import_from_riskfast() -> None:
     import sys
 
     code = "import sys, riskfast, riskfast.integrations; print('trl' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True
+    )
     assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("found", ["1.15.2", "1.17.0", "2.0.0"])
-def test_unsupported_trl_version_is_a_clear_error(found: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsupported_trl_version_is_a_clear_error(
+    found: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.metadata
 
     import riskfast.integrations.trl as integration
@@ -252,3 +300,94 @@ def test_fused_logprobs_match_trl_and_train(tmp_path: Path) -> None:
     assert torch.isfinite(params(trainer)).all()
     assert not torch.equal(before, params(trainer))
     assert trainer.riskpo_logprob_head.calls >= calls + 2  # at least one loss pass per step
+
+
+# ------------------------------------------------ issue 11: options, atomic calls, checkpoints
+def _config(tmp: Path, **overrides: Any) -> RiskPOConfig:
+    return RiskPOConfig(
+        output_dir=str(tmp),
+        bf16=False,
+        activation_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        num_generations=4,
+        per_device_train_batch_size=8,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "name"),
+    [
+        ({"risk_alpha": 1.5}, ValueError, "risk_alpha"),
+        ({"risk_alpha": 0.9, "risk_beta": 0.5}, ValueError, "risk_alpha"),
+        ({"quantile_mode": "kde"}, ValueError, "quantile_mode"),
+        ({"shuffle_bundles": "yes"}, TypeError, "shuffle_bundles"),
+        ({"bundle_size": 2**63}, ValueError, "bundle_size"),
+        ({"omega": 10**400}, ValueError, "omega"),
+        ({"bundle_seed": -1}, ValueError, "bundle_seed"),
+        ({"bundle_seed": 2**64}, ValueError, "bundle_seed"),
+        ({"tracker_gamma": 0.0}, ValueError, "tracker_gamma"),
+        ({"dual_clip": 1.0}, ValueError, "dual_clip"),
+        ({"use_fused_logprobs": "yes"}, TypeError, "use_fused_logprobs"),
+    ],
+)
+def test_config_fields_are_validated_under_their_own_names(
+    tmp_path: Path, overrides: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=f"^{name}:"):
+        _config(tmp_path, **overrides)
+
+
+def _generator_and_tracker(trainer: RiskPOTrainer) -> tuple[torch.Tensor, Any, int]:
+    tracker = trainer.riskpo_tracker
+    values = None if tracker is None or tracker.values is None else tracker.values.clone()
+    return (
+        trainer.riskpo_generator.get_state(),
+        values,
+        0 if tracker is None else tracker.num_updates,
+    )
+
+
+def _same(a: tuple[torch.Tensor, Any, int], b: tuple[torch.Tensor, Any, int]) -> bool:
+    values_equal = (a[1] is None and b[1] is None) or (
+        a[1] is not None and b[1] is not None and torch.equal(a[1], b[1])
+    )
+    return torch.equal(a[0], b[0]) and values_equal and a[2] == b[2]
+
+
+def test_riskpo_state_carries_its_options_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 1, 0, 1, 1, 1])
+    saver = make_trainer(tmp_path / "a", quantile_mode="tracker", bundle_size=2)
+    saver.riskpo_advantages(rewards, GROUP)
+    state = saver.riskpo_state_dict()
+    assert state["options"]["bundle_size"] == 2 and state["options"]["quantile"] == "tracker"
+
+    loader = make_trainer(tmp_path / "b", quantile_mode="tracker", bundle_size=4, tracker_gamma=0.3)
+    loader.riskpo_advantages(rewards, GROUP)
+    before = _generator_and_tracker(loader)
+    with pytest.raises(
+        ValueError, match="^bundle_size: the checkpoint was saved with bundle_size = 2"
+    ):
+        loader.load_riskpo_state_dict(state)
+    assert _same(before, _generator_and_tracker(loader))
+    # a rejected advantage step leaves generator and tracker alone as well
+    with pytest.raises(ValueError, match="^rewards:"):
+        loader.riskpo_advantages(rewards * float("nan"), GROUP)
+    assert _same(before, _generator_and_tracker(loader))
+
+    same_bundles = make_trainer(
+        tmp_path / "c", quantile_mode="tracker", bundle_size=2, tracker_gamma=0.3
+    )
+    with pytest.raises(ValueError, match="^tracker_gamma: the checkpoint was saved with gamma"):
+        same_bundles.load_riskpo_state_dict(state)
+    matching = make_trainer(tmp_path / "d", quantile_mode="tracker", bundle_size=2)
+    corrupt = {
+        **state,
+        "tracker": {**state["tracker"], "values": torch.tensor([float("nan"), 1.0])},
+    }
+    with pytest.raises(ValueError, match="^state: values must be finite"):
+        matching.load_riskpo_state_dict(corrupt)
+    assert not matching.riskpo_tracker.initialized
+    matching.load_riskpo_state_dict(state)
+    assert _same(_generator_and_tracker(saver), _generator_and_tracker(matching))

@@ -26,11 +26,31 @@ from riskfast.riskpo import policy_loss
 # verl 0.9.1's calling conventions (verl/trainer/ppo/core_algos.py).
 ADV_PARAMS = ["token_level_rewards", "response_mask", "index", "epsilon", "config"]
 LOSS_PARAMS = [
-    "old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
+    "old_log_prob",
+    "log_prob",
+    "advantages",
+    "response_mask",
+    "loss_agg_mode",
+    "config",
     "rollout_is_weights",
 ]
-AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-             "token-sum"]
+AGG_MODES = [
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_state() -> Any:
+    """The estimator keeps its generator and tracker in the driver process; start each
+    test from none (a state restored by one test would bind the next test's config)."""
+    module = sys.modules.get("riskfast.integrations.verl")
+    if module is not None:
+        module.reset_state()
+    yield
 
 
 def _verl() -> Any:
@@ -71,12 +91,16 @@ def check_advantage_fn(fn: Callable[..., Any], config: Any) -> None:
     """``fn`` in verl's layout equals riskfast.riskpo.advantages on the outcome rewards."""
     batch = verl_batch()
     adv, returns = fn(
-        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+        token_level_rewards=batch["rewards"],
+        response_mask=batch["mask"],
+        index=batch["uids"],
         config=config,
     )
     assert adv.shape == batch["rewards"].shape and torch.equal(adv, returns)
     expected = riskpo_advantages(
-        batch["rewards"].sum(-1), question_ids(batch["uids"]), bundle_size=3,
+        batch["rewards"].sum(-1),
+        question_ids(batch["uids"]),
+        bundle_size=3,
         generator=torch.Generator().manual_seed(7),
     ).advantages
     torch.testing.assert_close(adv, expected[:, None] * batch["mask"], rtol=0, atol=0)
@@ -89,8 +113,13 @@ def test_registered_in_verl_registries() -> None:
     module = importlib.import_module("riskfast.integrations.verl")
     assert core_algos.get_adv_estimator_fn("riskpo") is module.compute_riskpo_outcome_advantage
     assert core_algos.get_policy_loss_fn("riskpo") is module.compute_policy_loss_riskpo
-    assert list(inspect.signature(core_algos.get_adv_estimator_fn("riskpo")).parameters)[:5] == ADV_PARAMS
-    assert list(inspect.signature(core_algos.get_policy_loss_fn("riskpo")).parameters) == LOSS_PARAMS
+    assert (
+        list(inspect.signature(core_algos.get_adv_estimator_fn("riskpo")).parameters)[:5]
+        == ADV_PARAMS
+    )
+    assert (
+        list(inspect.signature(core_algos.get_policy_loss_fn("riskpo")).parameters) == LOSS_PARAMS
+    )
     importlib.reload(module)  # a second import must not clash with the first registration
     assert core_algos.get_adv_estimator_fn("riskpo").__module__ == module.__name__
 
@@ -107,8 +136,12 @@ def test_advantage_estimator_through_verl() -> None:
     # The generator advances between calls; state_dict / load_state_dict replay a call.
     config = OmegaConf.create({"riskpo": {"bundle_size": 3, "seed": 7, "quantile": "tracker"}})
     batch = verl_batch(seed=1)
-    call = {"token_level_rewards": batch["rewards"], "response_mask": batch["mask"],
-            "index": batch["uids"], "config": config}
+    call = {
+        "token_level_rewards": batch["rewards"],
+        "response_mask": batch["mask"],
+        "index": batch["uids"],
+        "config": config,
+    }
     module.reset_state()
     fn(**call)
     saved = module.state_dict()
@@ -124,11 +157,15 @@ def test_grpo_through_riskpo_matches_verl_grpo() -> None:
 
     batch = verl_batch(seed=2)
     ours, _ = core_algos.get_adv_estimator_fn("riskpo")(
-        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+        token_level_rewards=batch["rewards"],
+        response_mask=batch["mask"],
+        index=batch["uids"],
         config=OmegaConf.create({"riskpo": {"estimator": "grpo"}}),
     )
     theirs, _ = core_algos.compute_grpo_outcome_advantage(
-        token_level_rewards=batch["rewards"], response_mask=batch["mask"], index=batch["uids"],
+        token_level_rewards=batch["rewards"],
+        response_mask=batch["mask"],
+        index=batch["uids"],
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
@@ -150,8 +187,10 @@ def test_token_ratio_loss_equals_verl_vanilla(
     batch = verl_batch(seed=3)
     if distributed:  # as verl's actor fills it for a data-parallel step
         config.global_batch_info.update(
-            dp_size=2, batch_num_tokens=int(batch["mask"].sum()) * 2,
-            global_batch_size=int((batch["mask"].sum(-1) > 0).sum()) * 2, loss_scale_factor=None,
+            dp_size=2,
+            batch_num_tokens=int(batch["mask"].sum()) * 2,
+            global_batch_size=int((batch["mask"].sum(-1) > 0).sum()) * 2,
+            loss_scale_factor=None,
         )
     adv = torch.randn(batch["mask"].shape[0], generator=torch.Generator().manual_seed(5))
     adv = adv[:, None] * batch["mask"]
@@ -161,8 +200,12 @@ def test_token_ratio_loss_equals_verl_vanilla(
         for name in ("riskpo", "vanilla"):
             logp = batch["new"].clone().requires_grad_(True)
             loss, metrics = core_algos.get_policy_loss_fn(name)(
-                old_log_prob=batch["old"], log_prob=logp, advantages=adv,
-                response_mask=batch["mask"], loss_agg_mode=mode, config=config,
+                old_log_prob=batch["old"],
+                log_prob=logp,
+                advantages=adv,
+                response_mask=batch["mask"],
+                loss_agg_mode=mode,
+                config=config,
                 rollout_is_weights=is_weights,
             )
             loss.backward()
@@ -184,8 +227,12 @@ def test_sequence_ratio_loss_equals_verl_gspo_value(monkeypatch: pytest.MonkeyPa
     values = []
     for name in ("riskpo", "gspo"):
         loss, _ = core_algos.get_policy_loss_fn(name)(
-            old_log_prob=batch["old"], log_prob=batch["new"], advantages=adv,
-            response_mask=batch["mask"], loss_agg_mode="seq-mean-token-mean", config=config,
+            old_log_prob=batch["old"],
+            log_prob=batch["new"],
+            advantages=adv,
+            response_mask=batch["mask"],
+            loss_agg_mode="seq-mean-token-mean",
+            config=config,
         )
         values.append(loss)
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
@@ -244,16 +291,114 @@ def test_signature_contract_without_verl(monkeypatch: pytest.MonkeyPatch) -> Non
     # The loss with a plain mapping config equals riskfast.riskpo.policy_loss.
     batch = verl_batch(seed=8)
     adv = torch.randn(batch["mask"].shape[0], generator=torch.Generator().manual_seed(1))
-    config = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
-              "clip_ratio_c": 3.0, "global_batch_info": {}}
+    config = {
+        "clip_ratio": 0.2,
+        "clip_ratio_low": 0.2,
+        "clip_ratio_high": 0.28,
+        "clip_ratio_c": 3.0,
+        "global_batch_info": {},
+    }
     loss, metrics = loss_fn(
-        old_log_prob=batch["old"], log_prob=batch["new"], advantages=adv[:, None] * batch["mask"],
-        response_mask=batch["mask"], loss_agg_mode="token-mean", config=config,
+        old_log_prob=batch["old"],
+        log_prob=batch["new"],
+        advantages=adv[:, None] * batch["mask"],
+        response_mask=batch["mask"],
+        loss_agg_mode="token-mean",
+        config=config,
     )
-    expected, _ = policy_loss(batch["new"], batch["old"], adv, batch["mask"], eps_low=0.2,
-                              eps_high=0.28, dual_clip=3.0)
+    expected, _ = policy_loss(
+        batch["new"], batch["old"], adv, batch["mask"], eps_low=0.2, eps_high=0.28, dual_clip=3.0
+    )
     torch.testing.assert_close(loss, expected)
     assert set(metrics) >= {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
     with pytest.raises(ValueError, match="config.riskpo"):
-        adv_fn(token_level_rewards=batch["rewards"], response_mask=batch["mask"],
-               index=batch["uids"], config={"riskpo": {"bundel_size": 3}})
+        adv_fn(
+            token_level_rewards=batch["rewards"],
+            response_mask=batch["mask"],
+            index=batch["uids"],
+            config={"riskpo": {"bundel_size": 3}},
+        )
+
+
+# ------------------------------------------------ issue 11: options, atomic calls, checkpoints
+def _estimator_call(config: Any, seed: int = 1) -> dict[str, Any]:
+    batch = verl_batch(seed=seed)
+    return {
+        "token_level_rewards": batch["rewards"],
+        "response_mask": batch["mask"],
+        "index": batch["uids"],
+        "config": config,
+    }
+
+
+def test_options_from_config_names_each_bad_value() -> None:
+    _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+    cases = [
+        ({"seed": "7"}, TypeError, "seed"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"gamma": 0.0}, ValueError, "gamma"),
+        ({"bundle_size": 2**63}, ValueError, "bundle_size"),
+        ({"quantile_mode": "kde"}, ValueError, "quantile"),
+    ]
+    for section, error, name in cases:
+        with pytest.raises(error, match=f"^{name}:"):
+            module.options_from_config({"riskpo": section})
+
+
+def test_saved_state_carries_its_options_and_a_resumed_config_must_match() -> None:
+    _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+    tracked = {"bundle_size": 3, "seed": 7, "quantile": "tracker", "gamma": 0.2}
+    fn = module.compute_riskpo_outcome_advantage
+    fn(**_estimator_call({"riskpo": tracked}))
+    saved = module.state_dict()
+    assert saved["options"]["bundle_size"] == 3 and saved["options"]["gamma"] == 0.2
+    expected, _ = fn(**_estimator_call({"riskpo": tracked}, seed=2))
+
+    module.reset_state()
+    module.load_state_dict(saved)
+    restored = module.state_dict()
+    for other, name in (
+        ({**tracked, "bundle_size": 5}, "bundle_size"),
+        ({**tracked, "gamma": 0.1}, "gamma"),
+        ({**tracked, "quantile": "empirical"}, "quantile"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}: the checkpoint was saved with"):
+            fn(**_estimator_call({"riskpo": other}, seed=2))
+        assert torch.equal(module.state_dict()["generator"], restored["generator"])
+    # a rejected step (non-finite rewards) leaves the restored state alone too
+    bad = _estimator_call({"riskpo": tracked}, seed=2)
+    bad["token_level_rewards"] = bad["token_level_rewards"] * float("nan")
+    with pytest.raises(ValueError, match="^rewards:"):
+        fn(**bad)
+    assert torch.equal(module.state_dict()["generator"], restored["generator"])
+    assert module.state_dict()["tracker"]["num_updates"] == restored["tracker"]["num_updates"]
+    # the matching config (another seed is fine: the restored generator wins) continues
+    again, _ = fn(**_estimator_call({"riskpo": {**tracked, "seed": 99}}, seed=2))
+    assert torch.equal(again, expected)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda s: s.update(version=1), "^state: not a RiskPO state"),
+        (lambda s: s.update(generator=torch.zeros(3, dtype=torch.uint8)), "^state: generator"),
+        (lambda s: s["tracker"].update(values=torch.tensor([0.0, float("inf")])), "^state: values"),
+        (lambda s: s["tracker"].update(alpha=0.3), "^alpha: the checkpoint"),
+    ],
+)
+def test_a_corrupt_saved_state_is_refused_whole(corrupt: Any, match: str) -> None:
+    _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+    config = {"riskpo": {"bundle_size": 3, "quantile": "tracker"}}
+    module.compute_riskpo_outcome_advantage(**_estimator_call(config))
+    good = module.state_dict()
+    bad = module.state_dict()
+    corrupt(bad)
+    with pytest.raises(ValueError, match=match):
+        module.load_state_dict(bad)
+    current = module.state_dict()
+    assert torch.equal(current["generator"], good["generator"])
+    assert torch.equal(current["tracker"]["values"], good["tracker"]["values"])

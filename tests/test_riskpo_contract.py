@@ -555,8 +555,8 @@ def test_options_that_do_not_shape_the_state_may_change_on_resume() -> None:
 @pytest.mark.parametrize(
     ("corrupt", "match"),
     [
-        (lambda s: s.update(version=1), "^state: not a RiskPOLoss state of version 2"),
-        (lambda s: s.pop("options"), "^state: not a RiskPOLoss state"),
+        (lambda s: s.update(version=1), "^state: not a RiskPO state of version 2"),
+        (lambda s: s.pop("options"), "^state: not a RiskPO state"),
         (lambda s: s.update(generator=torch.zeros(7, dtype=torch.uint8)), "^state: generator"),
         (lambda s: s.update(generator=[1, 2]), "^state: generator"),
         (lambda s: s.update(seed=-4), r"^state\['seed'\]:"),

@@ -29,6 +29,10 @@ What changes against ``GRPOTrainer`` (spec ``riskpo.md``):
 * **State.** The bundling generator and, with ``quantile_mode="tracker"``, the
   quantile tracker are saved in every checkpoint (``riskpo_state.pt``) and restored by
   ``trainer.train(resume_from_checkpoint=...)``, so a resumed run continues exactly.
+  The file also holds the options that shape that state (``bundle_size``,
+  ``shuffle_bundles``; with a tracker also ``risk_alpha``, ``risk_beta``,
+  ``tracker_gamma``, ``score``, ``drop_last_bundle``): resuming with other values
+  raises ``ValueError`` naming the option, instead of continuing a different run.
 * **Metrics** (logged with TRL's): ``riskpo/quantile_alpha``, ``riskpo/quantile_beta``,
   ``riskpo/advantage_mean``, ``riskpo/advantage_std``, ``riskpo/score_mean``,
   ``riskpo/zero_advantage_bundle_frac``, ``riskpo/num_bundles``, ``riskpo/approx_kl``,
@@ -87,8 +91,10 @@ Supported TRL versions: :data:`SUPPORTED_TRL` (checked at import).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -131,8 +137,10 @@ TRL_VERSION = _check_trl_version()
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
+from .._checks import UINT64_MAX, require_bool, require_int, require_number
 from ..riskpo import AdvantageOptions, AdvantageResult, QuantileTracker, compute_advantages
 from ..riskpo.loss import RATIO_LEVELS, policy_loss
+from ..riskpo.module import checked_run_state, run_state, state_options
 
 RISKPO_STATE_NAME = "riskpo_state.pt"
 """File in each checkpoint folder holding the bundling generator and quantile tracker."""
@@ -146,6 +154,30 @@ _AGG_OF_LOSS_TYPE = {
     "grpo": "seq-mean-token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
 }
+
+
+_FIELD_OF_ARGUMENT = {
+    "alpha": "risk_alpha",
+    "beta": "risk_beta",
+    "gamma": "tracker_gamma",
+    "quantile": "quantile_mode",
+    "shuffle": "shuffle_bundles",
+    "drop_last": "drop_last_bundle",
+}
+"""RiskPOConfig field of each riskfast argument whose name differs (for error messages)."""
+
+
+@contextlib.contextmanager
+def _config_field_names() -> Iterator[None]:
+    """Re-raise riskfast's ``TypeError``/``ValueError`` with the RiskPOConfig field's name
+    in front (``risk_alpha: ...`` instead of ``alpha: ...``)."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        argument, colon, rest = str(err).partition(":")
+        if not colon or argument not in _FIELD_OF_ARGUMENT:
+            raise
+        raise type(err)(f"{_FIELD_OF_ARGUMENT[argument]}:{rest}") from None
 
 
 def _risk_help(text: str) -> dict[str, Any]:
@@ -172,11 +204,15 @@ class RiskPOConfig(GRPOConfig):
     risk_alpha: float = field(default=0.2, metadata=_risk_help("Lower quantile level alpha."))
     risk_beta: float = field(
         default=0.8,
-        metadata=_risk_help("Upper quantile level (RiskPO's beta; GRPOConfig.beta is the KL coef)."),
+        metadata=_risk_help(
+            "Upper quantile level (RiskPO's beta; GRPOConfig.beta is the KL coef)."
+        ),
     )
     omega: float = field(default=0.5, metadata=_risk_help("Lower-tail weight of Mixed-VaR."))
     form: str = field(default="paper", metadata=_risk_help("'paper' or 'reference_code'."))
-    w_mix: float = field(default=1.5, metadata=_risk_help("Mixing weight of form='reference_code'."))
+    w_mix: float = field(
+        default=1.5, metadata=_risk_help("Mixing weight of form='reference_code'.")
+    )
     natural_baseline: bool = field(
         default=True, metadata=_risk_help("Range-VaR baseline term of form='reference_code'.")
     )
@@ -222,13 +258,18 @@ class RiskPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.advantage_options()  # validates every advantage field, naming riskfast's argument
+        with _config_field_names():
+            self.advantage_options()  # validates every advantage field
         if self.ratio_level not in RATIO_LEVELS:
-            raise ValueError(f"ratio_level: must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise ValueError(f"dual_clip: must be > 1 or None, got {self.dual_clip}")
-        if not self.tracker_gamma > 0:
-            raise ValueError(f"tracker_gamma: must be > 0, got {self.tracker_gamma}")
+            raise ValueError(
+                f"ratio_level: must be one of {RATIO_LEVELS}, got {self.ratio_level!r}"
+            )
+        if self.dual_clip is not None:
+            require_number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+        require_number("tracker_gamma", self.tracker_gamma, low=0.0, low_open=True)
+        if self.bundle_seed is not None:
+            require_int("bundle_seed", self.bundle_seed, low=0, high=UINT64_MAX)
+        require_bool("use_fused_logprobs", self.use_fused_logprobs)
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(
                 f"loss_type: RiskPOTrainer supports {SUPPORTED_LOSS_TYPES}, got {self.loss_type!r}"
@@ -361,7 +402,7 @@ class RiskPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.riskpo_options = config.advantage_options()
         seed = config.seed if config.bundle_seed is None else config.bundle_seed
-        self.riskpo_seed = int(seed)
+        self.riskpo_seed = require_int("seed", seed, low=0, high=UINT64_MAX)
         self.riskpo_generator = torch.Generator().manual_seed(self.riskpo_seed)
         self.riskpo_tracker: GatheredQuantileTracker | None = None
         if self.riskpo_options.quantile == "tracker" and self.riskpo_options.is_risk:
@@ -382,9 +423,9 @@ class RiskPOTrainer(GRPOTrainer):
         import trl.trainer.utils as trl_utils
 
         original = trl_utils._ChunkedLogProbFunction
-        self.riskpo_logprob_head = getattr(self, "riskpo_logprob_head", None) or _RiskfastLogProbHead(
-            original
-        )
+        self.riskpo_logprob_head = getattr(
+            self, "riskpo_logprob_head", None
+        ) or _RiskfastLogProbHead(original)
         trl_utils._ChunkedLogProbFunction = self.riskpo_logprob_head
         try:
             return super()._get_per_token_logps_and_entropies(*args, **kwargs)
@@ -395,7 +436,9 @@ class RiskPOTrainer(GRPOTrainer):
     def _calculate_rewards(
         self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any
     ) -> torch.Tensor:
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
         self._riskpo_gathered_rewards = rewards_per_func  # [N_global, n_funcs], all processes
         return rewards_per_func
 
@@ -485,9 +528,15 @@ class RiskPOTrainer(GRPOTrainer):
         loss_type = self.loss_type
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if loss_type == "dapo":
-            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            normaliser = (
+                inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            )
             if mode == "train":
-                normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                normaliser = (
+                    normaliser
+                    * self.current_gradient_accumulation_steps
+                    / self.args.steps_per_generation
+                )
             return "token-mean", float(normaliser), None
         if loss_type == "bnpo":
             return "token-mean", float(mask.sum().clamp(min=1)) * accumulation, None
@@ -504,7 +553,9 @@ class RiskPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = (
+            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        )
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
@@ -579,22 +630,35 @@ class RiskPOTrainer(GRPOTrainer):
             self._metrics[mode]["kl"].append(totals[-1] / count)
 
     # ------------------------------------------------------------------ checkpoints
+    def _riskpo_state_options(self) -> dict[str, Any]:
+        tracker = self.riskpo_tracker
+        return state_options(self.riskpo_options, None if tracker is None else tracker.gamma)
+
     def riskpo_state_dict(self) -> dict[str, Any]:
-        """The run state RiskPO adds: bundling generator, tracker, seed."""
-        return {
-            "version": 1,
-            "seed": self.riskpo_seed,
-            "generator": self.riskpo_generator.get_state(),
-            "tracker": None if self.riskpo_tracker is None else self.riskpo_tracker.state_dict(),
-        }
+        """The run state RiskPO adds: bundling generator, tracker, seed, and the options
+        that shape them (:func:`riskfast.riskpo.module.state_options`)."""
+        return run_state(
+            self._riskpo_state_options(),
+            self.riskpo_seed,
+            self.riskpo_generator,
+            self.riskpo_tracker,
+        )
 
     def load_riskpo_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`riskpo_state_dict` (generator, tracker)."""
-        self.riskpo_seed = int(state["seed"])
-        self.riskpo_generator.set_state(state["generator"])
-        tracker_state = state.get("tracker")
-        if self.riskpo_tracker is not None and tracker_state is not None:
-            self.riskpo_tracker.load_state_dict(tracker_state)
+        """Restore :meth:`riskpo_state_dict` (generator, tracker).
+
+        The saved options must equal this trainer's (``ValueError`` naming the option
+        otherwise, e.g. a checkpoint of ``bundle_size=2`` resumed with ``bundle_size=5``);
+        the whole state is checked before any of it is taken.
+        """
+        with _config_field_names():
+            _, seed, generator_state = checked_run_state(
+                state, self.riskpo_generator, expected=self._riskpo_state_options(), what="trainer"
+            )
+        self.riskpo_seed = seed
+        self.riskpo_generator.set_state(generator_state)
+        if self.riskpo_tracker is not None:
+            self.riskpo_tracker.load_state_dict(state["tracker"])  # checked: cannot fail
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

@@ -23,9 +23,42 @@ with ``+algorithm.riskpo.<key>=...``; every key optional): ``estimator``,
 :func:`~riskfast.riskpo.advantages`), ``seed`` (of the bundling generator, default 0)
 and ``gamma`` (of the quantile tracker, default 0.1). ``epsilon`` and
 ``norm_adv_by_std_in_grpo`` are not used (RiskPO normalises by the bundle's score std).
-verl computes advantages on the driver process over the whole batch, so the bundling
-generator and the tracker live there, in this module (:func:`state_dict` /
-:func:`load_state_dict` save and restore them; verl's checkpoints do not include them).
+Every key is validated at the first call, with errors naming it.
+
+**Checkpoints: verl's do not include RiskPO's state.** verl computes advantages on the
+driver process over the whole batch, so the bundling generator and the quantile tracker
+live there, in this module. verl 0.9's trainers (``RayPPOTrainer``, the v1 trainers)
+save a fixed set of things from the driver (the workers' actor/critic checkpoints, whose
+checkpoint managers hold the extra-state hooks, in the worker processes; the
+dataloader's ``data.pt``; the TransferQueue state) and offer no hook for driver-side
+state, so this module cannot add its state to them without patching private trainer
+methods. What a resumed verl run does without it: the generator is seeded again from
+``seed`` (the bundles differ from those of the uninterrupted run, with the same
+distribution) and a tracker starts again from the first resumed step's empirical
+quantiles. To resume exactly, save :func:`state_dict` beside verl's checkpoint and
+restore it with :func:`load_state_dict`, from a trainer subclass::
+
+    import os, torch
+    from riskfast.integrations import verl as riskpo_verl
+
+    class Trainer(RayPPOTrainer):  # or the v1 trainer your run uses
+        def _save_checkpoint(self):
+            super()._save_checkpoint()
+            folder = os.path.join(self.config.trainer.default_local_dir,
+                                  f"global_step_{self.global_steps}")
+            torch.save(riskpo_verl.state_dict(), os.path.join(folder, "riskpo_state.pt"))
+
+        def _load_checkpoint(self):
+            super()._load_checkpoint()
+            folder = ...  # the global_step_* folder verl resumed from, if any
+            riskpo_verl.load_state_dict(torch.load(os.path.join(folder, "riskpo_state.pt")))
+
+The saved state holds the options that shape it (``bundle_size``, ``shuffle``; with a
+tracker ``alpha``, ``beta``, ``gamma``, ``score``, ``drop_last``); after
+:func:`load_state_dict` the config of the next call must have the same values, else
+``ValueError`` names the option (a different ``seed`` is fine: the restored generator
+supersedes it). Without a restore, changing those options between calls starts a fresh
+state.
 
 **Policy loss** :func:`compute_policy_loss_riskpo`, verl's ``PolicyLossFn`` signature
 ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -54,8 +87,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import UINT64_MAX, require_int, require_number
 from ..riskpo import AdvantageOptions, QuantileTracker, compute_advantages
 from ..riskpo.loss import RATIO_LEVELS, policy_loss
+from ..riskpo.module import (
+    DEFAULT_GAMMA,
+    check_state_options,
+    checked_run_state,
+    run_state,
+    state_options,
+)
 
 ADVANTAGE_ESTIMATOR_NAME = "riskpo"
 """``algorithm.adv_estimator`` value registered by this module."""
@@ -103,31 +144,50 @@ def riskpo_section(config: Any) -> dict[str, Any]:
 
 
 def options_from_config(config: Any) -> tuple[AdvantageOptions, int, float]:
-    """``(AdvantageOptions, seed, gamma)`` from ``config.riskpo``; unknown keys raise."""
+    """``(AdvantageOptions, seed, gamma)`` from ``config.riskpo``; unknown keys raise.
+
+    Every value is validated here, with errors naming the option (``seed`` an int in
+    ``[0, 2**64)``, ``gamma`` a number ``> 0``).
+    """
     section = riskpo_section(config)
     known = set(_ADVANTAGE_KEYS) | {"seed", "gamma"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ValueError(f"config.riskpo: unknown key(s) {unknown}; known: {sorted(known)}")
     kwargs = {_ADVANTAGE_KEYS[k]: v for k, v in section.items() if k in _ADVANTAGE_KEYS}
-    return AdvantageOptions(**kwargs), int(section.get("seed", 0)), float(section.get("gamma", 0.1))
+    seed = require_int("seed", section.get("seed", 0), low=0, high=UINT64_MAX)
+    gamma = require_number("gamma", section.get("gamma", DEFAULT_GAMMA), low=0.0, low_open=True)
+    return AdvantageOptions(**kwargs), seed, gamma
 
 
 class _RunState:
-    """Bundling generator and quantile tracker of the driver process."""
+    """Bundling generator and quantile tracker of the driver process.
+
+    Made from the config at the first call. A later call whose config shapes the state
+    differently (other seed, bundling or tracker options) starts a fresh state, unless
+    the state was restored by :func:`load_state_dict`: then the config must match the
+    restored options (``ValueError`` naming the option), so that a resumed run cannot
+    silently continue with other options (a different ``seed`` is fine: the restored
+    generator supersedes it).
+    """
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
+        self.options: dict[str, Any] | None = None
+        self.seed: int | None = None
+        self.restored = False
         self.generator = torch.Generator()
         self.tracker: QuantileTracker | None = None
 
     def for_options(self, options: AdvantageOptions, seed: int, gamma: float) -> _RunState:
-        key = (seed, gamma, options.alpha, options.beta, options.quantile)
-        if key != self.key:
-            self.key = key
+        wanted = state_options(options, gamma)
+        if self.restored and self.options is not None:
+            check_state_options(self.options, wanted, "run's config")
+            return self
+        if (wanted, seed) != (self.options, self.seed):
+            self.options, self.seed = wanted, seed
             self.generator = torch.Generator().manual_seed(seed)
             self.tracker = None
-            if options.quantile == "tracker" and options.is_risk:
+            if wanted["quantile"] == "tracker":
                 self.tracker = QuantileTracker(options.alpha, options.beta, gamma)
         return self
 
@@ -142,26 +202,31 @@ def reset_state() -> None:
 
 
 def state_dict() -> dict[str, Any]:
-    """The estimator's run state (generator, tracker), to save beside a verl checkpoint."""
-    return {
-        "key": _STATE.key,
-        "generator": _STATE.generator.get_state(),
-        "tracker": None if _STATE.tracker is None else _STATE.tracker.state_dict(),
-    }
+    """The estimator's run state (generator, tracker, and the options that shape them),
+    to save beside a verl checkpoint (see the module docstring)."""
+    if _STATE.options is None:
+        raise RuntimeError(
+            "riskfast.integrations.verl.state_dict: no state yet (no advantage was computed "
+            "in this process)"
+        )
+    return run_state(_STATE.options, int(_STATE.seed or 0), _STATE.generator, _STATE.tracker)
 
 
 def load_state_dict(state: dict[str, Any]) -> None:
-    """Restore :func:`state_dict`."""
-    _STATE.key = None if state["key"] is None else tuple(state["key"])
-    _STATE.generator.set_state(state["generator"])
-    if state["tracker"] is None:
-        _STATE.tracker = None
-    else:
-        tracker_state = state["tracker"]
-        _STATE.tracker = QuantileTracker(
-            tracker_state["alpha"], tracker_state["beta"], tracker_state["gamma"]
-        )
-        _STATE.tracker.load_state_dict(tracker_state)
+    """Restore :func:`state_dict`. The whole state is checked before any of it is taken;
+    afterwards the config of the next call must have the saved options."""
+    options, seed, generator_state = checked_run_state(state, torch.Generator(), what="run")
+    generator = torch.Generator()
+    generator.set_state(generator_state)
+    tracker = None
+    if options.get("quantile") == "tracker":
+        tracker = QuantileTracker(options["alpha"], options["beta"], options["gamma"])
+        tracker.load_state_dict(state["tracker"])  # checked above: cannot fail
+    fresh = _RunState()
+    fresh.options, fresh.seed, fresh.restored = dict(options), seed, True
+    fresh.generator, fresh.tracker = generator, tracker
+    global _STATE
+    _STATE = fresh
 
 
 def uids_to_question_ids(index: Any) -> torch.Tensor:
@@ -203,7 +268,9 @@ def compute_riskpo_outcome_advantage(
             f"{tuple(token_level_rewards.shape)}"
         )
     if len(index) != token_level_rewards.shape[0]:
-        raise ValueError(f"index: has {len(index)} uids for {token_level_rewards.shape[0]} responses")
+        raise ValueError(
+            f"index: has {len(index)} uids for {token_level_rewards.shape[0]} responses"
+        )
     state = _STATE.for_options(options, seed, gamma)
     scores = token_level_rewards.detach().float().sum(dim=-1).cpu()
     with torch.no_grad():
@@ -237,12 +304,16 @@ def _aggregation(
     if loss_agg_mode == "token-mean":
         tokens = info.get("batch_num_tokens")
         if tokens is None and dp_size > 1:
-            raise ValueError("config.global_batch_info: batch_num_tokens is needed when dp_size > 1")
+            raise ValueError(
+                "config.global_batch_info: batch_num_tokens is needed when dp_size > 1"
+            )
         return "token-mean", None if tokens is None else float(tokens) / dp_size, None
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         sequences = info.get("global_batch_size")
         if sequences is None and dp_size > 1:
-            raise ValueError("config.global_batch_info: global_batch_size is needed when dp_size > 1")
+            raise ValueError(
+                "config.global_batch_info: global_batch_size is needed when dp_size > 1"
+            )
         num_items = None if sequences is None else float(sequences) / dp_size
         max_len = None
         if loss_agg_mode == "seq-mean-token-sum-norm":
@@ -297,7 +368,9 @@ def compute_policy_loss_riskpo(
     )  # fmt: skip
     with torch.no_grad():
         diff = torch.clamp(log_prob.detach().float() - old_log_prob.detach().float(), -20.0, 20.0)
-        ppo_kl = float(torch.where(mask, -diff, torch.zeros_like(diff)).sum() / mask.sum().clamp_min(1))
+        ppo_kl = float(
+            torch.where(mask, -diff, torch.zeros_like(diff)).sum() / mask.sum().clamp_min(1)
+        )
     metrics_out = {
         "actor/pg_clipfrac": float(clip_frac),
         "actor/ppo_kl": ppo_kl,

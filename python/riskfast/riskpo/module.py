@@ -186,50 +186,18 @@ class RiskPOLoss(nn.Module):
         return loss, {**result.metrics, **loss_metrics}
 
     def _state_options(self) -> dict[str, Any]:
-        """The options that shape the extra state: how the generator advances (the
-        bundling) and, with a tracker, what it tracks."""
-        options = self.advantage_options
-        shaping = {
-            "quantile": "tracker" if self.tracker is not None else "empirical",
-            "bundle_size": options.bundle_size,
-            "shuffle": options.shuffle,
-        }
-        if self.tracker is not None:
-            shaping.update(
-                alpha=self.tracker.alpha,
-                beta=self.tracker.beta,
-                gamma=self.tracker.gamma,
-                score=options.score,
-                drop_last=options.drop_last,
-            )
-        return shaping
+        return state_options(
+            self.advantage_options, None if self.tracker is None else self.tracker.gamma
+        )
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "options": self._state_options(),
-            "seed": self.seed,
-            "generator": self.generator.get_state(),
-            "tracker": None if self.tracker is None else self.tracker.state_dict(),
-        }
+        return run_state(self._state_options(), self.seed, self.generator, self.tracker)
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`get_extra_state`; the whole state is checked before any is taken."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
-        if state.get("version") != STATE_VERSION or not isinstance(state.get("options"), dict):
-            raise ValueError(
-                f"state: not a RiskPOLoss state of version {STATE_VERSION} (version "
-                f"{state.get('version')!r}); states saved before version 2 do not carry "
-                "their options and cannot be checked against this module"
-            )
-        check_state_options(state["options"], self._state_options(), "module")
-        seed = require_int("state['seed']", state.get("seed"), low=0, high=UINT64_MAX)
-        generator_state = checked_generator_state(state.get("generator"), self.generator)
-        if self.tracker is not None:
-            checked_tracker_state(state.get("tracker"), self.tracker.levels, self.tracker.gamma)
-        elif state.get("tracker") is not None:
-            raise ValueError("state: holds a tracker state, but its options say 'empirical'")
+        _, seed, generator_state = checked_run_state(
+            state, self.generator, expected=self._state_options(), what="module"
+        )
         self.seed = seed
         self.generator.set_state(generator_state)
         if self.tracker is not None:
@@ -240,6 +208,88 @@ class RiskPOLoss(nn.Module):
         losses = ", ".join(f"{k}={v!r}" for k, v in vars(self.loss_options).items())
         gamma = "" if self.tracker is None else f", gamma={self.tracker.gamma}"
         return ", ".join(x for x in (options, losses, f"seed={self.seed}{gamma}") if x)
+
+
+def state_options(options: AdvantageOptions, gamma: float | None) -> dict[str, Any]:
+    """The options that shape a run's RiskPO state, as saved beside it in a checkpoint.
+
+    The state is the bundling generator and, with ``quantile="tracker"`` and a risk
+    estimator, the quantile tracker (step size ``gamma``). What the generator's state
+    means depends on the bundling (``bundle_size``, ``shuffle``); the tracker's also on
+    what it tracks (``alpha``, ``beta``, ``gamma``, and the scores it is fed: ``score``,
+    ``drop_last``). Options that only shape the advantages (``omega``, ``center``, ...)
+    may change on resume. Shared by :class:`RiskPOLoss` and the TRL and verl integrations.
+    """
+    tracked = options.is_risk and options.quantile == "tracker"
+    shaping: dict[str, Any] = {
+        "quantile": "tracker" if tracked else "empirical",
+        "bundle_size": options.bundle_size,
+        "shuffle": options.shuffle,
+    }
+    if tracked:
+        shaping.update(
+            alpha=float(options.alpha),
+            beta=float(options.beta),
+            gamma=None if gamma is None else float(gamma),
+            score=options.score,
+            drop_last=options.drop_last,
+        )
+    return shaping
+
+
+def run_state(
+    options: dict[str, Any], seed: int, generator: torch.Generator, tracker: QuantileTracker | None
+) -> dict[str, Any]:
+    """A run's RiskPO state for a checkpoint: the options that shape it (see
+    :func:`state_options`), the seed, the bundling generator's state and the tracker's."""
+    return {
+        "version": STATE_VERSION,
+        "options": dict(options),
+        "seed": seed,
+        "generator": generator.get_state(),
+        "tracker": None if tracker is None else tracker.state_dict(),
+    }
+
+
+def checked_run_state(
+    state: Any,
+    generator: torch.Generator,
+    *,
+    expected: dict[str, Any] | None = None,
+    what: str = "module",
+) -> tuple[dict[str, Any], int, torch.Tensor]:
+    """Validate a :func:`run_state` without loading it anywhere.
+
+    Args:
+        state: the saved state.
+        generator: the generator that will take the saved generator state.
+        expected: the options the loader runs with (None: not compared here); a
+            difference raises ``ValueError`` naming the option.
+        what: what is loading ("module", "trainer", ...), for the messages.
+
+    Returns:
+        ``(options, seed, generator_state)`` as saved. The tracker state, if any, has been
+        checked against the saved levels and step size.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION or not isinstance(state.get("options"), dict):
+        raise ValueError(
+            f"state: not a RiskPO state of version {STATE_VERSION} (version "
+            f"{state.get('version')!r}); states saved before version 2 do not carry their "
+            f"options and cannot be checked against this {what}"
+        )
+    saved = state["options"]
+    if expected is not None:
+        check_state_options(saved, expected, what)
+    seed = require_int("state['seed']", state.get("seed"), low=0, high=UINT64_MAX)
+    generator_state = checked_generator_state(state.get("generator"), generator)
+    if saved.get("quantile") == "tracker":
+        levels = (saved.get("alpha"), saved.get("beta"))
+        checked_tracker_state(state.get("tracker"), levels, saved.get("gamma"))
+    elif state.get("tracker") is not None:
+        raise ValueError("state: holds a tracker state, but its options say quantile='empirical'")
+    return saved, seed, generator_state
 
 
 def check_state_options(saved: Any, expected: dict[str, Any], what: str) -> None:
