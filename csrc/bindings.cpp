@@ -13,6 +13,8 @@
 
 #include <string>
 
+#include "noise_cpu.h"
+
 #ifndef RISKFAST_TORCH_VERSION
 #define RISKFAST_TORCH_VERSION TORCH_VERSION
 #endif
@@ -49,6 +51,20 @@ py::dict build_info() {
   info["cxx11_abi"] = py::none();
 #endif
   info["cplusplus"] = static_cast<long>(__cplusplus);
+  // The operators of namespace "riskfast" and the devices each was compiled for.
+  py::dict ops;
+  for (const char* name : {"philox_normal_fill_", "accumulate_noise_", "transition_log_prob",
+                           "transition_log_prob_backward", "transition_log_prob_into_"}) {
+    py::list devices;
+    devices.append("cpu");
+#ifdef RISKFAST_WITH_CUDA
+    devices.append("cuda");
+#endif
+    ops[name] = devices;
+  }
+  info["ops"] = ops;
+  // The float32 math of the CPU noise stream: "mkl" or "aten" (noise_cpu.cpp).
+  info["noise_math"] = std::string(riskfast::noise_math_name());
   return info;
 }
 

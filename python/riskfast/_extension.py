@@ -80,7 +80,10 @@ def build_info() -> dict[str, Any]:
     * from the build (None when the extension is missing): ``compiled_torch_version``
       (``torch.__version__`` at build time), ``compiled_torch_cuda_version``,
       ``compiled_cuda`` (whether CUDA sources were compiled), ``compiler``,
-      ``cxx11_abi``;
+      ``cxx11_abi``, ``compiled_ops`` (each operator of ``torch.ops.riskfast`` and the
+      devices it was compiled for, e.g. ``{"transition_log_prob": ["cpu", "cuda"]}``;
+      ``{}`` without the extension), ``noise_math`` (the float32 math of the CPU noise
+      stream: ``"mkl"``, torch's own MKL functions, or ``"aten"``);
     * from this process: ``torch_version``, ``torch_cuda_version``,
       ``torch_version_matches`` (compiled == runtime torch; a mismatch means the
       extension must be rebuilt, its ABI may not match), ``cuda_available``,
@@ -103,6 +106,8 @@ def build_info() -> dict[str, Any]:
         "compiled_cuda": compiled.get("cuda"),
         "compiler": compiled.get("compiler"),
         "cxx11_abi": compiled.get("cxx11_abi"),
+        "compiled_ops": {name: list(devices) for name, devices in compiled.get("ops", {}).items()},
+        "noise_math": compiled.get("noise_math"),
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "torch_version_matches": matches,

@@ -12,7 +12,8 @@ Token log-probs (RiskPO):
 RLR (diffusion):
 
 * :func:`transition_log_prob` - the denoising step's mean and Gaussian log-density
-  (:mod:`riskfast.ops.transition`, reference beside it);
+  (:mod:`riskfast.ops.transition`, reference beside it); :func:`transition_log_prob_into`
+  writes a step's log-densities into a ``[B, T]`` buffer during sampling;
 * :func:`philox_normal`, :func:`perturb_`, :func:`accumulate_noise_` - counter-based
   noise regenerated from seeds (:mod:`riskfast.ops.noise`; the stream and its
   reference are in :mod:`riskfast.ops.philox`).
@@ -24,7 +25,7 @@ from . import bundle_advantages, noise, philox, reference, transition
 from .logprobs import BACKENDS, fused_linear_logprobs, selective_logprobs
 from .noise import accumulate_noise_, perturb_, philox_normal
 from .reference import fused_linear_logprobs_reference, selective_logprobs_reference
-from .transition import TransitionCoefficients, transition_log_prob
+from .transition import TransitionCoefficients, transition_log_prob, transition_log_prob_into
 
 __all__ = [
     "BACKENDS",
@@ -42,4 +43,5 @@ __all__ = [
     "selective_logprobs_reference",
     "transition",
     "transition_log_prob",
+    "transition_log_prob_into",
 ]

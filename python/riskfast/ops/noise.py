@@ -14,8 +14,14 @@ undoes ``perturb_(xs, seed, scale)`` up to rounding (one rounding of ``x`` each 
 Seeds are ints in ``[0, 2**63)``; nothing here touches a global generator.
 
 Backends (``backend=``): ``"reference"`` (PyTorch, any device), ``"compiled"`` (the
-operators of ``riskfast._C``), ``"auto"`` (compiled when the extension provides the
-op for the tensors' device, the reference otherwise).
+operators of ``riskfast._C``: one pass, every seed at once; CPU, and CUDA when built
+with it), ``"auto"`` (compiled when the extension provides the op for the tensors'
+device, the reference otherwise). The compiled CPU op computes the float32 log, sqrt,
+sin and cos with the functions torch's own CPU kernels use (MKL's vector math in
+torch's x86 builds), so its stream is bitwise the reference's on the same machine
+(tests check it); the CUDA op uses CUDA's ``logf``/``sqrtf``/``sinf``/``cosf`` as
+torch's CUDA kernels do. The CPU and CUDA streams differ by a few float32 ulps where
+those libraries differ (``benchmarks/gpu_check.py`` measures it).
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _compiled_noise_ops(device: torch.device) -> Any | None:
     """The compiled noise operators for ``device``, or ``None`` when not built.
 
-    Filled in by the compiled extension (``riskfast._C``); until it provides them
-    every call runs the reference.
+    ``riskfast._C`` registers ``riskfast::philox_normal_fill_`` and
+    ``riskfast::accumulate_noise_`` per device (:mod:`riskfast.ops._compiled`); the
+    returned object has ``philox_normal(numel, seed, offset, device, dtype)`` and
+    ``accumulate_noise_(tensors, seeds, scales)``.
     """
-    del device
-    return None
+    from ._compiled import noise_ops_for
+
+    return noise_ops_for(device)
 
 
 def _resolve_backend(backend: Any, device: torch.device) -> str:

@@ -44,8 +44,10 @@ from typing import Any, NamedTuple
 import torch
 
 from .._checks import (
+    require_bool,
     require_choice,
     require_floating,
+    require_int,
     require_number,
     require_same_device,
     require_same_shape,
@@ -61,6 +63,7 @@ __all__ = [
     "gaussian_log_density",
     "predict_original_and_noise",
     "transition_log_prob",
+    "transition_log_prob_into",
     "transition_log_prob_reference",
     "transition_mean",
 ]
@@ -200,9 +203,46 @@ def check_coefficients(coefficients: Any, *, need_sigma: bool) -> TransitionCoef
 
 
 def _compiled_transition_op(device: torch.device) -> Any | None:
-    """The compiled fused transition op for ``device``, or ``None`` when not built."""
-    del device
-    return None
+    """The compiled fused transition ops for ``device``, or ``None`` when not built.
+
+    The returned object (:mod:`riskfast.ops._compiled`) has
+    ``transition_log_prob(x_prev, sample, model_output, coefficients, reduce,
+    return_mean) -> (log_prob, mean or None)`` and ``transition_log_prob_into_(log_probs,
+    step, x_prev, sample, model_output, coefficients, reduce)``.
+    """
+    from ._compiled import transition_op_for
+
+    return transition_op_for(device)
+
+
+def _check_step_tensors(
+    x_prev: Any, sample: Any, model_output: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x_prev = require_tensor("x_prev", x_prev)
+    sample = require_tensor("sample", sample)
+    model_output = require_tensor("model_output", model_output)
+    for name, tensor in (("x_prev", x_prev), ("sample", sample), ("model_output", model_output)):
+        require_floating(name, tensor)
+    if sample.dim() < 1 or sample.shape[0] == 0:
+        raise ValueError(f"sample: expected shape [B, ...] with B >= 1, got {tuple(sample.shape)}")
+    require_same_shape("x_prev", x_prev, "sample", sample)
+    require_same_shape("model_output", model_output, "sample", sample)
+    require_same_device("x_prev", x_prev, "sample", sample)
+    require_same_device("model_output", model_output, "sample", sample)
+    return x_prev, sample, model_output
+
+
+def _resolve_backend(backend: Any, device: torch.device) -> Any | None:
+    """The compiled ops to call, or ``None`` for the reference."""
+    require_choice("backend", backend, TRANSITION_BACKENDS)
+    compiled = None if backend == "reference" else _compiled_transition_op(device)
+    if backend == "compiled" and compiled is None:
+        raise RuntimeError(
+            f"backend: the 'compiled' transition op is not available for {device.type} "
+            "tensors in this build of riskfast._C (see riskfast.build_info()); use "
+            "backend='reference'"
+        )
+    return compiled
 
 
 def transition_log_prob(
@@ -233,17 +273,7 @@ def transition_log_prob(
         ``(log_prob, mean)``. Differentiable in ``sample`` and ``model_output`` (and
         ``x_prev``).
     """
-    x_prev = require_tensor("x_prev", x_prev)
-    sample = require_tensor("sample", sample)
-    model_output = require_tensor("model_output", model_output)
-    for name, tensor in (("x_prev", x_prev), ("sample", sample), ("model_output", model_output)):
-        require_floating(name, tensor)
-    if sample.dim() < 1 or sample.shape[0] == 0:
-        raise ValueError(f"sample: expected shape [B, ...] with B >= 1, got {tuple(sample.shape)}")
-    require_same_shape("x_prev", x_prev, "sample", sample)
-    require_same_shape("model_output", model_output, "sample", sample)
-    require_same_device("x_prev", x_prev, "sample", sample)
-    require_same_device("model_output", model_output, "sample", sample)
+    x_prev, sample, model_output = _check_step_tensors(x_prev, sample, model_output)
     coefficients = check_coefficients(coefficients, need_sigma=True)
     require_choice("reduce", reduce, REDUCTIONS)
     log_ratio_bound = require_number("log_ratio_bound", log_ratio_bound, low=0.0, low_open=True)
@@ -255,18 +285,14 @@ def transition_log_prob(
                 f"old_log_prob: expected shape ({sample.shape[0]},), got {tuple(old_log_prob.shape)}"
             )
         require_same_device("old_log_prob", old_log_prob, "sample", sample)
-    require_choice("backend", backend, TRANSITION_BACKENDS)
-    compiled = None if backend == "reference" else _compiled_transition_op(sample.device)
-    if backend == "compiled" and compiled is None:
-        raise RuntimeError(
-            f"backend: the 'compiled' transition op is not available for {sample.device.type} "
-            "tensors in this build of riskfast._C (see riskfast.build_info()); use "
-            "backend='reference'"
-        )
+    return_mean = require_bool("return_mean", return_mean)
+    compiled = _resolve_backend(backend, sample.device)
     if compiled is not None:
-        log_prob, mean = compiled(
-            x_prev, sample, model_output, coefficients, reduce, old_log_prob, log_ratio_bound
+        log_prob, mean = compiled.transition_log_prob(
+            x_prev, sample, model_output, coefficients, reduce, return_mean
         )
+        if old_log_prob is not None:
+            log_prob = clamp_log_ratio(log_prob, old_log_prob, log_ratio_bound)
     else:
         log_prob, mean = transition_log_prob_reference(
             x_prev,
@@ -278,3 +304,62 @@ def transition_log_prob(
             log_ratio_bound=log_ratio_bound,
         )
     return (log_prob, mean) if return_mean else log_prob
+
+
+def transition_log_prob_into(
+    log_probs: torch.Tensor,
+    step: int,
+    x_prev: torch.Tensor,
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: TransitionCoefficients,
+    *,
+    reduce: str = "sum",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Write the step's log-densities into column ``step`` of a ``[B, T]`` buffer.
+
+    The step-batched form for sampling: a sampler that takes ``T`` steps keeps one
+    ``log_probs`` buffer ``[B, T]`` and, after step ``t`` draws ``x_prev`` from
+    ``sample``, calls ``transition_log_prob_into(log_probs, t, x_prev, sample,
+    model_output, coefficients)``; DDPO-style ratios and the likelihood-ratio terms
+    read the buffer later (as ``old_log_prob`` of :func:`transition_log_prob`). The
+    compiled op writes the column directly (no ``[B]`` temporary, no extra launch).
+
+    Args:
+        log_probs: ``[B, T]`` float32 or float64 buffer on the inputs' device (any
+            strides); written in place, invisible to autograd.
+        step: column to write, ``0 <= step < T``.
+        x_prev, sample, model_output, coefficients, reduce: as in
+            :func:`transition_log_prob`.
+    Returns:
+        ``log_probs[:, step]`` (a view of the buffer). Not differentiable: use
+        :func:`transition_log_prob` for gradients.
+    """
+    log_probs = require_tensor("log_probs", log_probs)
+    x_prev, sample, model_output = _check_step_tensors(x_prev, sample, model_output)
+    if log_probs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"log_probs: expected float32 or float64, got {log_probs.dtype}")
+    if log_probs.dim() != 2 or log_probs.shape[0] != sample.shape[0]:
+        raise ValueError(
+            f"log_probs: expected shape [B, T] with B = {sample.shape[0]}, got "
+            f"{tuple(log_probs.shape)}"
+        )
+    require_same_device("log_probs", log_probs, "sample", sample)
+    step = require_int("step", step, low=0)
+    if step >= log_probs.shape[1]:
+        raise ValueError(f"step: must be < T = {log_probs.shape[1]}, got {step}")
+    coefficients = check_coefficients(coefficients, need_sigma=True)
+    require_choice("reduce", reduce, REDUCTIONS)
+    compiled = _resolve_backend(backend, sample.device)
+    with torch.no_grad():
+        if compiled is not None:
+            compiled.transition_log_prob_into_(
+                log_probs, step, x_prev, sample, model_output, coefficients, reduce
+            )
+        else:
+            log_prob, _ = transition_log_prob_reference(
+                x_prev, sample, model_output, coefficients, reduce=reduce
+            )
+            log_probs[:, step] = log_prob
+    return log_probs[:, step]
