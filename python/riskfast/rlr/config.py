@@ -27,7 +27,7 @@ class RLRConfig:
             ratio over sampled steps), ``"draft"`` (backprop through steps
             ``1..fo_steps``), ``"alignprop"`` (truncation point drawn per chain),
             ``"full"`` (backprop through the whole chain: the exact pathwise gradient),
-            or a name added with :func:`riskfast.rlr.register_estimator`.
+            ``"zo"`` (antithetic zeroth-order perturbations at every step), or a name added with :func:`riskfast.rlr.register_estimator`.
         rest: for ``"rlr"``, how the steps outside the first-order steps and the window
             are estimated: ``"zo"`` (antithetic zeroth-order perturbations of the
             trainable parameters), ``"lr"`` (inherent-noise likelihood ratio) or

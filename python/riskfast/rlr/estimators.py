@@ -25,7 +25,7 @@ baseline containing it correlates with the chain's score term: spec).
 Baselines from the same entry point: ``ddpo`` (on-policy likelihood ratio over the
 steps), ``draft`` (FO on the last ``K`` steps), ``alignprop`` (FO with ``K`` drawn per
 chain), ``full`` (FO through every step: the exact pathwise gradient, the tests'
-oracle). New estimators register with :func:`register_estimator`.
+oracle), ``zo`` (antithetic ZO at every step: the spec's ZO-only comparison). New estimators register with :func:`register_estimator`.
 
 Recomputation pins values: a step recomputed with gradient returns the stored sample
 plus ``mean - mean.detach()``, so every value equals the sampled chain's exactly and
@@ -58,21 +58,30 @@ __all__ = [
 ]
 
 _ESTIMATORS: dict[str, Callable[[EstimationRun], None]] = {}
+# Whether an estimator runs each start as an antithetic pair (a function of the config).
+_ANTITHETIC: dict[str, Callable[[RLRConfig], bool]] = {}
 _SEED_HIGH = 2**62
 
 
-def register_estimator(name: str) -> Callable[[Callable], Callable]:
+def register_estimator(
+    name: str, *, antithetic: bool | Callable[[RLRConfig], bool] = False
+) -> Callable[[Callable], Callable]:
     """Register ``fn(run: EstimationRun) -> None`` as ``RLRConfig(estimator=name)``.
 
     The function samples (``run.sample``), computes rewards (``run.rewards_*``) and
-    stages its gradient terms (``run.add_term``); :func:`estimate_grad` validates the
-    inputs before and adds the staged gradient to ``.grad`` after.
+    stages its gradient terms (``run.add_term``, ``run.add_noise_term``);
+    :func:`estimate_grad` validates the inputs before and adds the staged gradient to
+    ``.grad`` after. ``antithetic`` (a bool, or a function of the config) makes the
+    call run each start twice (chains ``b`` and ``b + B``) for a ZO term.
     """
     if not isinstance(name, str) or not name:
         raise TypeError("name: expected a non-empty string")
+    if not (isinstance(antithetic, bool) or callable(antithetic)):
+        raise TypeError("antithetic: expected a bool or a function of the config")
 
     def decorator(fn: Callable[[EstimationRun], None]) -> Callable[[EstimationRun], None]:
         _ESTIMATORS[name] = fn
+        _ANTITHETIC[name] = antithetic if callable(antithetic) else (lambda _c: antithetic)
         return fn
 
     return decorator
@@ -399,6 +408,14 @@ class EstimationRun:
             return rewards
         return rewards - (total - excluded) / others
 
+    def zo_coefficient(self) -> float:
+        """``mean_pairs(R+ - R-) / (2 sigma_p)``, the scale of the ZO term's ``sum_i u_i``."""
+        b = self.base_batch
+        difference = (self.rewards[:b] - self.rewards[b:]).double().mean()
+        coefficient = float(difference) / (2.0 * self.config.sigma_p)
+        self.metrics["zo_coefficient"] = coefficient
+        return coefficient
+
     # ---------------------------------------------------------------- staging
     def _buffer(self, name: str) -> list[torch.Tensor]:
         """The staging buffer of term ``name`` (one shared buffer without term norms)."""
@@ -470,7 +487,7 @@ def _likelihood_ratio_term(
         run.add_term(name, -(advantages * log_prob).mean() * weight)
 
 
-@register_estimator("rlr")
+@register_estimator("rlr", antithetic=lambda config: config.rest == "zo")
 def _rlr(run: EstimationRun) -> None:
     cfg = run.config
     noise_seed = run.draw_seeds(1)[0]
@@ -499,14 +516,20 @@ def _rlr(run: EstimationRun) -> None:
         run.state.update(start, run.term_norm("window"), cfg.window_momentum)
     # The rest.
     if cfg.rest == "zo":
-        b = run.base_batch
-        coefficient = float((run.rewards[:b] - run.rewards[b:]).double().mean()) / (
-            2.0 * cfg.sigma_p
-        )
-        run.metrics["zo_coefficient"] = coefficient
-        run.add_noise_term("rest", [zo_seeds[s - 1] for s in rest], -coefficient)
+        run.add_noise_term("rest", [zo_seeds[s - 1] for s in rest], -run.zo_coefficient())
     elif cfg.rest == "lr":
         _likelihood_ratio_term(run, "rest", rest)
+
+
+@register_estimator("zo", antithetic=True)
+def _zeroth_order(run: EstimationRun) -> None:
+    """Antithetic ZO perturbations at every step: the spec's ZO-only comparison."""
+    noise_seed = run.draw_seeds(1)[0]
+    seeds = run.draw_seeds(run.num_steps)
+    steps = list(range(1, run.num_steps + 1))
+    run.sample(noise_seed, steps, [seeds[s - 1] for s in steps])
+    run.rewards_of_samples()
+    run.add_noise_term("zo", [seeds[s - 1] for s in steps], -run.zo_coefficient())
 
 
 @register_estimator("ddpo")
@@ -716,7 +739,7 @@ def estimate_grad(
         transition_coefficients(scheduler, timesteps[num_steps - s], config.eta)
         for s in range(1, num_steps + 1)
     ]
-    repeats = 2 if config.estimator == "rlr" and config.rest == "zo" else 1
+    repeats = 2 if _ANTITHETIC[config.estimator](config) else 1
     model = GuidedDenoiser(
         denoiser,
         timesteps,
