@@ -424,3 +424,34 @@ def test_eta_zero_sampling_forces_a_noisy_exit_step(model):
             _x_T(),
             scheduler=rlr_toy.scheduler(set_alpha_to_one=True),
         )
+
+
+def test_registered_estimators_are_reachable_from_the_config(model):
+    from riskfast.rlr import register_estimator
+    from riskfast.rlr.estimators import _ANTITHETIC, _ESTIMATORS
+
+    @register_estimator("test-last-step-lr", antithetic=True)
+    def last_step(run):
+        run.sample(run.draw_seeds(1)[0])
+        run.rewards_of_samples()
+        run.add_term("lr", -(run.advantages() * run.log_prob(run.xs[1], 1)).mean())
+
+    try:
+        _, metrics = _grad(model, RLRConfig(estimator="test-last-step-lr"), _x_T(4))
+        assert metrics["chains"] == 8 and metrics["grad_norm/lr"] > 0
+    finally:
+        _ESTIMATORS.pop("test-last-step-lr")
+        _ANTITHETIC.pop("test-last-step-lr")
+    with pytest.raises(ValueError, match="^estimator"):
+        RLRConfig(estimator="test-last-step-lr")
+
+
+def test_zeroth_order_only_takes_a_reward_without_gradient(model):
+    def hit(x0):
+        return (x0.detach().norm(dim=1) < 1).double()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    grad, metrics = _grad(model, RLRConfig(estimator="zo"), _x_T(), reward=hit)
+    assert metrics["chains"] == 32 and torch.isfinite(grad).all()
+    assert metrics["grad_norm/zo"] == pytest.approx(float(grad.norm()), rel=1e-12)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))

@@ -143,3 +143,8 @@ def test_a_zo_term_scaled_by_two_fails_the_same_test(monkeypatch):
     _assert_biased(
         RLRConfig(rest="zo", window=6), calls=512, chains=16, seed=1, threshold=ZO_THRESHOLD
     )
+
+
+def test_zeroth_order_only_is_unbiased():
+    """Antithetic ZO at all 10 steps (the spec's ZO-only comparison; the least power)."""
+    _assert_unbiased(RLRConfig(estimator="zo"), calls=512, chains=16, threshold=ZO_THRESHOLD)
