@@ -39,6 +39,8 @@ TransitionCoefs<T> make_coefs(const TransitionScalars& s) {
   // Python floats entering float32 tensor ops are rounded to float32 first; so here.
   c.root_a = static_cast<T>(std::sqrt(s.alpha_prod_t));
   c.root_b = static_cast<T>(std::sqrt(1.0 - s.alpha_prod_t));
+  c.inv_root_a = static_cast<T>(1.0 / std::sqrt(s.alpha_prod_t));
+  c.inv_root_b = static_cast<T>(1.0 / std::sqrt(1.0 - s.alpha_prod_t));
   c.coef_x0 = static_cast<T>(s.coef_x0);
   c.coef_eps = static_cast<T>(s.coef_eps);
   c.coef_sample = static_cast<T>(s.coef_sample);

@@ -27,6 +27,7 @@ constexpr int kPredV = 2;
 template <typename T>
 struct TransitionCoefs {
   T root_a, root_b;                 // sqrt(alpha_prod_t), sqrt(1 - alpha_prod_t)
+  T inv_root_a, inv_root_b;         // their reciprocals (the chain rule multiplies)
   T coef_x0, coef_eps, coef_sample;
   T lo, hi;                         // clamp of x0: -clip, clip (or -inf, inf)
   bool use_eps, use_sample;         // coef_eps != 0, coef_sample != 0
@@ -68,11 +69,11 @@ RISKFAST_HD void transition_mean_backward(T grad_mean, bool in_clip, const Trans
   const T grad_eps = c.use_eps ? c.coef_eps * grad_mean : T(0);
   const T grad_direct = c.use_sample ? c.coef_sample * grad_mean : T(0);
   if (PRED == kPredEpsilon) {
-    const T q = grad_x0 / c.root_a;
+    const T q = grad_x0 * c.inv_root_a;
     grad_xt = q + grad_direct;
     grad_m = grad_eps - q * c.root_b;
   } else if (PRED == kPredSample) {
-    const T q = grad_eps / c.root_b;
+    const T q = grad_eps * c.inv_root_b;
     grad_xt = q + grad_direct;
     grad_m = grad_x0 - q * c.root_a;
   } else {

@@ -61,13 +61,13 @@ def compiled_devices(op: str) -> list[str]:
     ]
 
 
+# Fixed once the extension is loaded (its kernels register when it is); a plain dict so
+# that torch.compile traces the dispatch of the public ops without a graph break.
+_KERNEL_DEVICES = {op: frozenset(compiled_devices(op)) for op in OPS}
+
+
 def _has_kernel(op: str, device: torch.device) -> bool:
-    key = _DISPATCH_KEYS.get(device.type)
-    return (
-        AVAILABLE
-        and key is not None
-        and torch._C._dispatch_has_kernel_for_dispatch_key(f"riskfast::{op}", key)
-    )
+    return device.type in _KERNEL_DEVICES[op]
 
 
 # ----------------------------------------------------------------------------- noise
