@@ -378,6 +378,11 @@ def policy_loss(
             of each token before aggregation (no gradient), e.g. the truncated importance
             weights of a rollout engine whose log-probs differ from the trainer's.
 
+    The math is float32 (float64 for float64 inputs) whatever the input dtype, but a
+    gradient comes back in its input's dtype: with fp16 ``logp``, a gradient beyond fp16's
+    65504 (``|A| * ratio / normaliser``, the ratio reaching ``exp(20)``) becomes inf in
+    that cast, which no loss can prevent. Use bf16 or fp32 log-probs there.
+
     Returns:
         ``(loss, metrics)``: a 0-dim tensor (float32, float64 for float64 inputs) and a
         dict of floats: ``loss``, ``pg_loss``, ``clip_frac``, ``dual_clip_frac``,
