@@ -13,6 +13,7 @@ RESTS = ("zo", "lr", "none")
 WINDOW_STARTS = ("uniform", "grad_norm")
 BASELINES = ("loo", "none")
 ZO_RESTORES = ("copy", "reverse")
+OPS_BACKENDS = ("auto", "compiled", "reference")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,11 @@ class RLRConfig:
             reweighted by ``T / count`` so the estimate stays unbiased).
         window_temperature, window_momentum: of ``window_start="grad_norm"``.
         term_norms: report each term's gradient norm (costs one parameter-sized buffer
-            for the ZO term).
+            per term; off: one buffer for all).
+        backend: of the ops RLR calls (``riskfast.ops.perturb_``,
+            ``accumulate_noise_``, ``transition_log_prob``): ``"auto"`` (the compiled
+            operators of ``riskfast._C`` where built, else PyTorch), ``"compiled"`` or
+            ``"reference"``.
     """
 
     estimator: str = "rlr"
@@ -76,6 +81,7 @@ class RLRConfig:
     window_temperature: float = 1.0
     window_momentum: float = 0.9
     term_norms: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         from .estimators import estimator_names  # the registry lives with the estimators
@@ -120,6 +126,7 @@ class RLRConfig:
         require_number("window_temperature", self.window_temperature, low=0.0, low_open=True)
         require_number("window_momentum", self.window_momentum, low=0.0, high=1.0, high_open=True)
         require_bool("term_norms", self.term_norms)
+        require_choice("backend", self.backend, OPS_BACKENDS)
         if self.window_start == "grad_norm" and not self.term_norms:
             raise ValueError("term_norms: window_start='grad_norm' needs the window term's norm")
 

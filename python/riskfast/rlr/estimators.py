@@ -43,8 +43,10 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .._checks import require_floating, require_tensor
+from ..ops.noise import _resolve_backend as resolve_noise_backend
 from ..ops.noise import accumulate_noise_, perturb_
 from ..ops.transition import TransitionCoefficients, transition_log_prob, transition_mean
+from ..ops.transition import _resolve_backend as resolve_transition_backend
 from .config import RLRConfig
 from .sampler import Conditioning, GuidedDenoiser, check_scheduler, transition_coefficients
 
@@ -195,14 +197,15 @@ class _Perturbation:
     applies the opposite scale (no copy; exact up to one rounding per element).
     """
 
-    def __init__(self, params: list[torch.Tensor], mode: str) -> None:
+    def __init__(self, params: list[torch.Tensor], mode: str, backend: str) -> None:
         self.tensors = [p.detach() for p in params]
         self.mode = mode
+        self.backend = backend
         self.backup = [t.clone() for t in self.tensors] if mode == "copy" else None
         self.applied: tuple[int, float] | None = None
 
     def apply(self, seed: int, scale: float) -> None:
-        perturb_(self.tensors, seed, scale)
+        perturb_(self.tensors, seed, scale, backend=self.backend)
         self.applied = (seed, scale)
 
     def restore(self) -> None:
@@ -214,7 +217,7 @@ class _Perturbation:
                     tensor.copy_(saved)
             else:
                 seed, scale = self.applied
-                perturb_(self.tensors, seed, -scale)
+                perturb_(self.tensors, seed, -scale, backend=self.backend)
         self.applied = None
 
 
@@ -282,7 +285,11 @@ class EstimationRun:
         self.xs = [None] * (self.num_steps + 1)
         self.xs[self.num_steps] = x
         seeds = dict(zip(zo_steps, zo_seeds))
-        perturbation = _Perturbation(self.params, self.config.zo_restore) if seeds else None
+        perturbation = (
+            _Perturbation(self.params, self.config.zo_restore, self.config.backend)
+            if seeds
+            else None
+        )
         b = self.base_batch
         with torch.no_grad():
             for s in range(self.num_steps, 0, -1):
@@ -345,7 +352,9 @@ class EstimationRun:
         target = self.xs[step - 1]
 
         def density(x_in: torch.Tensor) -> torch.Tensor:
-            return transition_log_prob(target, x_in, self.model(x_in, step), coeff)
+            return transition_log_prob(
+                target, x_in, self.model(x_in, step), coeff, backend=self.config.backend
+            )
 
         if self.config.checkpoint and x.requires_grad:
             return _checkpoint(density, x, use_reentrant=False)
@@ -436,7 +445,7 @@ class EstimationRun:
         """Stage ``scale * sum_i u(seeds[i])`` (the ZO term) under term ``name``."""
         buffer = self._buffer(name)
         if seeds:
-            accumulate_noise_(buffer, seeds, [scale] * len(seeds))
+            accumulate_noise_(buffer, seeds, [scale] * len(seeds), backend=self.config.backend)
 
     def term_norm(self, name: str) -> float:
         """Norm of a staged term (needs ``term_norms``; 0 for a term never staged)."""
@@ -626,6 +635,9 @@ def _trainable_parameters(denoiser: Any, parameters: Any) -> list[torch.Tensor]:
 def _validate(run: EstimationRun) -> None:
     """Every check that does not need the model, before anything is drawn or changed."""
     cfg, T = run.config, run.num_steps
+    # A forced compiled backend must exist for these tensors (raises RuntimeError naming it).
+    resolve_noise_backend(cfg.backend, run.x_T.device)
+    resolve_transition_backend(cfg.backend, run.x_T.device)
     if cfg.estimator == "rlr":
         if cfg.fo_steps + cfg.window > T:
             raise ValueError(

@@ -42,9 +42,11 @@ from .._checks import (
 )
 from ..ops.transition import (
     REDUCTIONS,
+    TRANSITION_BACKENDS,
     TransitionCoefficients,
-    gaussian_log_density,
     math_dtype,
+    transition_log_prob,
+    transition_log_prob_into,
     transition_mean,
 )
 
@@ -227,6 +229,7 @@ def step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     reduce: str = "sum",
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> StepOutput:
     """One denoising step with the log-density of the step taken.
 
@@ -249,6 +252,7 @@ def step_with_logprob(
         reduce: ``"sum"`` over non-batch dimensions (the true score) or ``"mean"``
             (DDPO's convention).
         generator: for the noise when neither ``noise`` nor ``prev_sample`` is given.
+        backend: of the log-density op (``riskfast.ops.transition_log_prob``).
     Returns:
         :class:`StepOutput`; ``log_prob`` is ``[B]`` float32 (float64 for float64 inputs).
     """
@@ -261,6 +265,7 @@ def step_with_logprob(
     require_same_shape("model_output", model_output, "sample", sample)
     require_same_device("model_output", model_output, "sample", sample)
     require_choice("reduce", reduce, REDUCTIONS)
+    require_choice("backend", backend, TRANSITION_BACKENDS)
     if noise is not None and prev_sample is not None:
         raise ValueError("noise: give either noise or prev_sample, not both")
     for name, tensor in (("noise", noise), ("prev_sample", prev_sample)):
@@ -281,7 +286,11 @@ def step_with_logprob(
             prev_sample = (mean + sigma * noise.to(mean.dtype)).to(sample.dtype)
         else:
             prev_sample = mean.to(sample.dtype)
-    log_prob = gaussian_log_density(prev_sample, mean, sigma, reduce) if sigma > 0.0 else None
+    log_prob = None
+    if sigma > 0.0:
+        log_prob = transition_log_prob(
+            prev_sample, sample, model_output, coefficients, reduce=reduce, backend=backend
+        )
     return StepOutput(prev_sample=prev_sample, mean=mean, std=sigma, log_prob=log_prob)
 
 
@@ -517,6 +526,7 @@ def sample_chain(
     return_model_outputs: bool = False,
     return_means: bool = False,
     reduce: str = "sum",
+    backend: str = "auto",
 ) -> Chain:
     """Run ``B`` chains from ``x_T`` over ``scheduler.timesteps``, without autograd.
 
@@ -535,6 +545,8 @@ def sample_chain(
             :class:`GuidedDenoiser`).
         return_log_probs, return_model_outputs, return_means: what else to record.
         reduce: of the log-densities (``"sum"`` or ``"mean"``).
+        backend: of the log-density op (``riskfast.ops.transition_log_prob_into``, which
+            fills the ``[B, T]`` buffer column by column).
     Returns:
         :class:`Chain`.
     """
@@ -551,6 +563,7 @@ def sample_chain(
     ):
         require_bool(name, flag)
     require_choice("reduce", reduce, REDUCTIONS)
+    require_choice("backend", backend, TRANSITION_BACKENDS)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     coefficients = [transition_coefficients(scheduler, t, eta) for t in timesteps]
@@ -580,7 +593,9 @@ def sample_chain(
                 noise = _randn_like(x, generator)
                 x_prev = (mean + coeff.sigma * noise.to(mean.dtype)).to(x.dtype)
                 if log_probs is not None:
-                    log_probs[:, position] = gaussian_log_density(x_prev, mean, coeff.sigma, reduce)
+                    transition_log_prob_into(
+                        log_probs, position, x_prev, x, out, coeff, reduce=reduce, backend=backend
+                    )
             else:
                 x_prev = mean.to(x.dtype)
             samples.append(x_prev)
