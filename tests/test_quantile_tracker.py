@@ -460,3 +460,17 @@ def test_drop_last_with_fewer_questions_than_bundle_size_keeps_the_tracker_waiti
     kept = result.scores[0].tolist()
     expected = oracle_tracker_update(None, kept, 0.2, 0.8, 0.1)
     assert values_of(tracker) == pytest.approx(list(expected), abs=1e-6)
+
+
+def test_a_rejected_update_changes_nothing() -> None:
+    tracker = _trained_tracker()
+    before, count = tracker.values.clone(), tracker.num_updates
+    bad_scores = [
+        (torch.zeros(2, 2, 2), ValueError),
+        (torch.zeros(3, dtype=torch.complex64), TypeError),
+        ("0.5", TypeError),
+    ]
+    for scores, error in bad_scores:
+        with pytest.raises(error, match="^scores:"):
+            tracker.update(scores)  # type: ignore[arg-type]
+        assert torch.equal(tracker.values, before) and tracker.num_updates == count

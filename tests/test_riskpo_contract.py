@@ -584,3 +584,24 @@ def test_a_checkpoint_round_trip_through_deepcopy_keeps_working() -> None:
     module(**_step(0))
     twin = copy.deepcopy(module)
     assert torch.equal(module(**_step(1))[0], twin(**_step(1))[0])
+
+
+def test_unvalidated_calls_draw_from_the_callers_generator_and_refuse_before_drawing() -> None:
+    # validate=False is the sync-free path CUDA graphs capture: it draws from the caller's
+    # generator itself (a copy would be unregistered), so every refusal comes first.
+    rewards = _step(2)["rewards"]
+    states = []
+    for validate in (True, False):
+        gen = torch.Generator().manual_seed(4)
+        advantages(rewards, group_size=4, validate=validate, generator=gen)
+        states.append(gen.get_state())
+    assert torch.equal(states[0], states[1])
+    gen = torch.Generator().manual_seed(4)
+    before = gen.get_state()
+    for bad in ({"backend": "cuda"}, {"backend": "triton", "estimator": "grpo_like"}):
+        with pytest.raises(ValueError):
+            advantages(rewards, group_size=4, validate=False, generator=gen, **bad)
+    wide = torch.zeros(2 * 65)  # G = 65 is beyond the kernel's 64 members
+    with pytest.raises(ValueError, match="^backend: the kernel handles G <= 64"):
+        advantages(wide, group_size=65, validate=False, generator=gen, backend="triton")
+    assert torch.equal(gen.get_state(), before)

@@ -392,12 +392,17 @@ def pending_advantages(
 ) -> tuple[AdvantageResult, Callable[[], None]]:
     """:func:`compute_advantages` without changing any state: the result, and ``commit``.
 
-    The bundling is drawn from a copy of ``generator`` (of torch's default generator when
-    None) and the tracker's new values are computed but not assigned; ``commit()``
-    advances the generator and updates the tracker exactly as the call would have, and
-    changes nothing else. A caller with more work that may fail (``RiskPOLoss.forward``
-    computing its loss) commits once that work has succeeded, so that a failed step
-    leaves every state as it was. ``commit`` runs no collective and reads nothing.
+    The tracker's new values are computed but not assigned, and with ``validate`` (whose
+    check of the values comes after the bundling) the bundling is drawn from a copy of
+    ``generator`` (of torch's default generator when None); ``commit()`` advances the
+    generator and updates the tracker exactly as the call would have, and changes
+    nothing else. A caller with more work that may fail (``RiskPOLoss.forward`` computing
+    its loss) commits once that work has succeeded, so that a failed step leaves every
+    state as it was. ``commit`` runs no collective and reads nothing.
+
+    With ``validate=False`` every check that can refuse the call comes before the
+    bundling, which then draws from ``generator`` itself: a copy would not be a generator
+    that CUDA-graph capture has registered (the sync-free path is the one captured).
     """
     if not isinstance(options, AdvantageOptions):
         raise TypeError(f"options: expected AdvantageOptions, got {type(options).__name__}")
@@ -434,19 +439,19 @@ def pending_advantages(
         layout = consecutive_layout(rewards.numel(), group_size, rewards.device)
     else:
         layout = group_layout(question_ids)
+    use_triton = _use_triton(backend, rewards, layout, options)
     draws = None
     if not options.is_risk:
         bundling = question_bundling(layout)
     elif bundle_ids is not None:
         bundling = explicit_bundling(layout, bundle_ids, member_ids, rewards)
     else:
-        if options.shuffle:
+        draw_from = generator
+        if options.shuffle and validate:
             draws = _GeneratorCopy(generator, rewards.device)
+            draw_from = draws.copy
         bundling = draw_bundling(
-            layout,
-            options.bundle_size,
-            shuffle=options.shuffle,
-            generator=None if draws is None else draws.copy,
+            layout, options.bundle_size, shuffle=options.shuffle, generator=draw_from
         )
     num_kept = bundling.num_bundles
     smaller_last = options.is_risk and layout.num_questions % options.bundle_size != 0
@@ -457,7 +462,6 @@ def pending_advantages(
     kept = torch.arange(bundling.num_bundles, device=rewards.device) < num_kept
     member_response = member_response_table(layout, bundling)
 
-    use_triton = _use_triton(backend, rewards, layout, options)
     tracked, tracked_unchecked = None, False
     if use_tracker:
         assert tracker is not None
