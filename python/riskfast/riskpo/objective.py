@@ -468,11 +468,13 @@ def pending_advantages(
         if tracker.settled:
             tracked = tracker.values
         else:
-            # Start from the scores of the path that will use them, so that a score equal
-            # to the initial quantile compares equal (no one-ulp disagreement).
+            # A first step starts from the scores of the path that will use them, so that a
+            # score equal to the initial quantile compares equal (no one-ulp disagreement).
+            # Values that may still be NaN (validate=False; read nothing to find out) are
+            # repaired on the device from the PyTorch scores: no second kernel launch.
             first_scores = (
                 _kernel_path(rewards, member_response, kept, None, options)[0]
-                if use_triton
+                if use_triton and tracker.values is None
                 else _member_scores(rewards, member_response, bundling, options)
             )
             first_scores = first_scores[:num_kept]

@@ -91,6 +91,12 @@ class QuantileTracker:
     computed first and assigned last, and :meth:`load_state_dict` checks the whole state
     before taking any of it.
 
+    Started by ``advantages(validate=False)``, which reads nothing back, the tracker cannot
+    know whether its first step had a finite score; every later such step then also
+    computes the empirical quantiles of its scores (a sort, and an all-gather under
+    ``torch.distributed``) to replace values that are still NaN, on the device. A step
+    with ``validate=True``, :meth:`update` or :meth:`load_state_dict` settles that.
+
     Args:
         alpha: lower level, ``0 <= alpha < beta``.
         beta: upper level, ``beta <= 1``.
