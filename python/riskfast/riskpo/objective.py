@@ -300,16 +300,23 @@ def advantages(
             G <= 64, PyTorch otherwise), ``"torch"``, or ``"triton"`` (forced; on a CPU
             it needs ``TRITON_INTERPRET=1``).
         validate: check the reward values (spec section 5: non-finite rewards, or
-            member scores beyond float32, raise ``ValueError``) at the cost of one host
-            read. ``False`` skips that read: a bundle whose scores or quantiles are then
-            not finite gets advantage 0 instead of an error, and a tracker starts from
-            the finite scores only. With ``group_size`` and ``validate=False`` the call
+            finite ones whose member scores or advantages overflow float32, raise
+            ``ValueError`` naming ``rewards``) at the cost of one host read, taken after
+            the computation and before any state changes. ``False`` skips that read: a
+            bundle whose scores, quantiles or advantages are then not finite gets
+            advantage 0 instead of an error, and a tracker starts from the finite scores
+            only. With ``group_size`` and ``validate=False`` the call
             reads nothing back from the device (``spec/kernels.md``: one launch, no host
             synchronisation), whether ``generator`` lives on the device or on the CPU
             (its draws then reach the device through pinned memory, asynchronously).
 
     Returns:
         An :class:`AdvantageResult`. Deterministic for a given generator state.
+
+    Every call either completes or changes nothing: a refused call leaves ``generator``
+    (torch's default generator when None), ``tracker`` and the inputs as they were.
+    ``tracker`` given with ``quantile="empirical"`` or a mean-based estimator, which
+    would ignore it, is an error.
     """
     options = AdvantageOptions(
         estimator=estimator,
@@ -532,7 +539,9 @@ class _GeneratorCopy:
     def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
         if generator is None:
             generator = (
-                torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+                torch.cuda.default_generators[
+                    torch.cuda.current_device() if device.index is None else device.index
+                ]
                 if device.type == "cuda"
                 else torch.default_generator
             )
