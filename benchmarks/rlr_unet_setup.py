@@ -12,7 +12,7 @@ def build(num_steps: int, options: dict):
     """``(unet, call)``: ``call(seed)`` runs one ``estimate_grad`` with ``RLRConfig(**options)``."""
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=16,
+        sample_size=32,
         in_channels=1,
         out_channels=1,
         layers_per_block=1,
@@ -23,12 +23,12 @@ def build(num_steps: int, options: dict):
     )
     scheduler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
     scheduler.set_timesteps(num_steps)
-    pattern = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    pattern = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(1, 1, 32, 32)
 
     def reward(x0):
         return -(x0 - pattern).square().mean(dim=(1, 2, 3))
 
-    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    x_T = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     config = RLRConfig(**options)
 
     def call(seed=0):
