@@ -48,7 +48,13 @@ from ..ops.noise import accumulate_noise_, perturb_
 from ..ops.transition import TransitionCoefficients, transition_log_prob, transition_mean
 from ..ops.transition import _resolve_backend as resolve_transition_backend
 from .config import RLRConfig
-from .sampler import Conditioning, GuidedDenoiser, check_scheduler, transition_coefficients
+from .sampler import (
+    Conditioning,
+    GuidedDenoiser,
+    add_step_noise,
+    check_scheduler,
+    transition_coefficients,
+)
 
 __all__ = [
     "RLRState",
@@ -308,12 +314,8 @@ class EstimationRun:
                     out = torch.cat(outs)
                 else:
                     out = self.model(x, s)
-                mean = transition_mean(x, out, coeff)
-                if coeff.sigma > 0.0:
-                    noise = noise.repeat(self.repeats, *([1] * (noise.dim() - 1)))
-                    x = (mean + coeff.sigma * noise.to(mean.dtype)).to(x_T.dtype)
-                else:
-                    x = mean.to(x_T.dtype)
+                noise = noise.repeat(self.repeats, *([1] * (noise.dim() - 1)))
+                x = add_step_noise(transition_mean(x, out, coeff), coeff.sigma, noise, x_T.dtype)
                 self.xs[s - 1] = x
 
     # ---------------------------------------------------------------- recomputation

@@ -211,6 +211,15 @@ class StepOutput:
     pred_original_sample: torch.Tensor | None = None
 
 
+def add_step_noise(
+    mean: torch.Tensor, sigma: float, noise: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``x_{t-1} = mean + sigma * noise`` in ``dtype`` (``mean`` alone when ``sigma = 0``)."""
+    if sigma > 0.0:
+        return (mean + sigma * noise.to(mean.dtype)).to(dtype)
+    return mean.to(dtype)
+
+
 def _randn_like(reference: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like ``reference``, drawn on the generator's device."""
     device = reference.device if generator is None else generator.device
@@ -280,12 +289,9 @@ def step_with_logprob(
     mean = transition_mean(sample, model_output, coefficients)
     sigma = coefficients.sigma
     if prev_sample is None:
-        if sigma > 0.0:
-            if noise is None:
-                noise = _randn_like(sample, generator)
-            prev_sample = (mean + sigma * noise.to(mean.dtype)).to(sample.dtype)
-        else:
-            prev_sample = mean.to(sample.dtype)
+        if sigma > 0.0 and noise is None:
+            noise = _randn_like(sample, generator)
+        prev_sample = add_step_noise(mean, sigma, noise, sample.dtype)
     log_prob = None
     if sigma > 0.0:
         log_prob = transition_log_prob(
@@ -589,15 +595,12 @@ def sample_chain(
             x = samples[-1]
             out = model(x, num_steps - position)
             mean = transition_mean(x, out, coeff)
-            if coeff.sigma > 0.0:
-                noise = _randn_like(x, generator)
-                x_prev = (mean + coeff.sigma * noise.to(mean.dtype)).to(x.dtype)
-                if log_probs is not None:
-                    transition_log_prob_into(
-                        log_probs, position, x_prev, x, out, coeff, reduce=reduce, backend=backend
-                    )
-            else:
-                x_prev = mean.to(x.dtype)
+            noise = _randn_like(x, generator) if coeff.sigma > 0.0 else None
+            x_prev = add_step_noise(mean, coeff.sigma, noise, x.dtype)
+            if log_probs is not None and coeff.sigma > 0.0:
+                transition_log_prob_into(
+                    log_probs, position, x_prev, x, out, coeff, reduce=reduce, backend=backend
+                )
             samples.append(x_prev)
             if return_model_outputs:
                 outputs.append(out)
