@@ -4,7 +4,8 @@
 // One pass over (x_prev, x_t, model_output): the mean of x_{t-1} (transition_math.h)
 // and the squared distance to x_prev, summed per sample in float64 over chunks of a
 // fixed length, then added in chunk order (the result does not depend on the thread
-// count). Math in float32 for 16-bit and float32 inputs, float64 for float64.
+// count). Math in float32 for 16-bit and float32 inputs, float64 for float64. The
+// loops are compiled for baseline x86-64, AVX2 and AVX-512 and chosen at run time.
 // Inputs must share one dtype; a non-contiguous input is copied first.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,12 +24,32 @@
 #include "op_checks.h"
 #include "transition_math.h"
 
+// The inner loops, once per instruction set (see transition_cpu_loops.h).
+namespace riskfast {
+#define RISKFAST_LOOPS_NS loops_base
+#include "transition_cpu_loops.h"
+#undef RISKFAST_LOOPS_NS
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define RISKFAST_LOOPS_NS loops_avx2
+#include "transition_cpu_loops.h"
+#undef RISKFAST_LOOPS_NS
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#define RISKFAST_LOOPS_NS loops_avx512
+#include "transition_cpu_loops.h"
+#undef RISKFAST_LOOPS_NS
+#pragma GCC pop_options
+#endif
+}  // namespace riskfast
+
 namespace riskfast {
 namespace {
 
 // Elements per task: fixed, so the order of the float64 sums is too.
 constexpr int64_t kRowChunk = 16384;
-constexpr int64_t kTile = 256;
 
 template <typename scalar_t>
 using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -72,32 +93,50 @@ void dispatch_prediction(Prediction p, F&& f) {
   }
 }
 
-// Sum of (x_prev - mean)^2 over n elements; writes the mean when mean_out is set.
-template <int PRED, typename scalar_t>
-double forward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m, int64_t n,
-                     const TransitionCoefs<math_t<scalar_t>>& c, math_t<scalar_t>* mean_out) {
-  using T = math_t<scalar_t>;
-  T squares[kTile];
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t start = 0; start < n; start += kTile) {
-    const int64_t len = std::min(kTile, n - start);
-    for (int64_t i = 0; i < len; ++i) {
-      bool in_clip;
-      const T mean = transition_mean<PRED>(static_cast<T>(xt[start + i]),
-                                           static_cast<T>(m[start + i]), c, in_clip);
-      if (mean_out != nullptr) mean_out[start + i] = mean;
-      const T diff = static_cast<T>(xp[start + i]) - mean;
-      squares[i] = diff * diff;
-    }
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      for (int j = 0; j < 8; ++j) lanes[j] += static_cast<double>(squares[i + j]);
-    }
-    for (; i < len; ++i) lanes[i % 8] += static_cast<double>(squares[i]);
+enum class Isa { kAvx512, kAvx2, kBase };
+
+Isa detect_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
   }
-  double total = 0.0;
-  for (double lane : lanes) total += lane;
-  return total;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();  // a fixed property of the machine
+  return isa;
+}
+
+template <typename scalar_t>
+using ForwardFn = double (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t,
+                             const TransitionCoefs<math_t<scalar_t>>&, math_t<scalar_t>*);
+template <typename scalar_t>
+using BackwardFn = void (*)(const scalar_t*, const scalar_t*, const scalar_t*,
+                            const math_t<scalar_t>*, int64_t,
+                            const TransitionCoefs<math_t<scalar_t>>&, math_t<scalar_t>,
+                            scalar_t*, scalar_t*, scalar_t*);
+
+template <int PRED, typename scalar_t>
+ForwardFn<scalar_t> forward_loop() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() == Isa::kAvx512) return &loops_avx512::forward_chunk<PRED, scalar_t>;
+  if (cpu_isa() == Isa::kAvx2) return &loops_avx2::forward_chunk<PRED, scalar_t>;
+#endif
+  return &loops_base::forward_chunk<PRED, scalar_t>;
+}
+
+template <int PRED, typename scalar_t>
+BackwardFn<scalar_t> backward_loop() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() == Isa::kAvx512) return &loops_avx512::backward_chunk<PRED, scalar_t>;
+  if (cpu_isa() == Isa::kAvx2) return &loops_avx2::backward_chunk<PRED, scalar_t>;
+#endif
+  return &loops_base::backward_chunk<PRED, scalar_t>;
 }
 
 // Per-sample log-densities (float64) of contiguous [B, D] inputs; the mean too if asked.
@@ -115,13 +154,14 @@ std::vector<double> forward_rows(const at::Tensor& x_prev, const at::Tensor& sam
   const scalar_t* m = model_output.const_data_ptr<scalar_t>();
   const TransitionCoefs<T> c = make_coefs<T>(s);
   dispatch_prediction(s.prediction, [&](auto pred) {
+    const ForwardFn<scalar_t> forward = forward_loop<decltype(pred)::value, scalar_t>();
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks, k = task % chunks;
         const int64_t lo = b * dims + k * kRowChunk;
         const int64_t n = std::min(kRowChunk, dims - k * kRowChunk);
-        partial[task] = forward_chunk<decltype(pred)::value>(
-            xp + lo, xt + lo, m + lo, n, c, mean_out == nullptr ? nullptr : mean_out + lo);
+        partial[task] = forward(xp + lo, xt + lo, m + lo, n, c,
+                                mean_out == nullptr ? nullptr : mean_out + lo);
       }
     });
   });
@@ -185,27 +225,6 @@ void transition_log_prob_into_cpu(at::Tensor& log_probs, int64_t step, const at:
   }
 }
 
-template <int PRED, typename scalar_t>
-void backward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m,
-                    const math_t<scalar_t>* grad_mean, int64_t n,
-                    const TransitionCoefs<math_t<scalar_t>>& c, math_t<scalar_t> scale,
-                    scalar_t* grad_xp, scalar_t* grad_xt, scalar_t* grad_m) {
-  using T = math_t<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    bool in_clip;
-    const T xt_i = static_cast<T>(xt[i]);
-    const T mean = transition_mean<PRED>(xt_i, static_cast<T>(m[i]), c, in_clip);
-    // d log_prob / d mean = (x_prev - mean) / sigma^2 (/ D), times the incoming gradient
-    const T r = (static_cast<T>(xp[i]) - mean) * scale;
-    const T g = grad_mean != nullptr ? r + grad_mean[i] : r;
-    T g_xt, g_m;
-    transition_mean_backward<PRED>(g, in_clip, c, g_xt, g_m);
-    if (grad_xp != nullptr) grad_xp[i] = static_cast<scalar_t>(-r);
-    if (grad_xt != nullptr) grad_xt[i] = static_cast<scalar_t>(g_xt);
-    if (grad_m != nullptr) grad_m[i] = static_cast<scalar_t>(g_m);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_log_prob_backward_cpu(
     const at::Tensor& grad_log_prob, const std::optional<at::Tensor>& grad_mean,
     const at::Tensor& x_prev, const at::Tensor& sample, const at::Tensor& model_output,
@@ -245,13 +264,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_log_prob_backward_cpu(
     scalar_t* out_xt = output_mask[1] ? grad_xt.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_m = output_mask[2] ? grad_m.data_ptr<scalar_t>() : nullptr;
     dispatch_prediction(s.prediction, [&](auto pred) {
+      const BackwardFn<scalar_t> backward = backward_loop<decltype(pred)::value, scalar_t>();
       at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / chunks, k = task % chunks;
           const int64_t lo = b * dims + k * kRowChunk;
           const int64_t n = std::min(kRowChunk, dims - k * kRowChunk);
           const T scale = static_cast<T>(g_lp_data[b] * grad_scale);
-          backward_chunk<decltype(pred)::value, scalar_t>(
+          backward(
               xp_data + lo, xt_data + lo, m_data + lo,
               g_mean_data == nullptr ? nullptr : g_mean_data + lo, n, c, scale,
               out_xp == nullptr ? nullptr : out_xp + lo, out_xt == nullptr ? nullptr : out_xt + lo,

@@ -13,6 +13,10 @@
 
 #if defined(__CUDACC__)
 #define RISKFAST_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU loops are compiled per instruction set (transition_cpu_loops.h)
+// and these must be inlined into each variant to be vectorised with it.
+#define RISKFAST_HD inline __attribute__((always_inline))
 #else
 #define RISKFAST_HD inline
 #endif
@@ -53,7 +57,7 @@ template <int PRED, typename T>
 RISKFAST_HD T transition_mean(T xt, T m, const TransitionCoefs<T>& c, bool& in_clip) {
   T x0, eps;
   predict_original_and_noise<PRED>(xt, m, c, x0, eps);
-  in_clip = x0 >= c.lo && x0 <= c.hi;
+  in_clip = (x0 >= c.lo) & (x0 <= c.hi);  // no short circuit: the loops stay branch-free
   const T clipped = x0 < c.lo ? c.lo : (x0 > c.hi ? c.hi : x0);
   T mean = c.coef_x0 * clipped;
   if (c.use_eps) mean = mean + c.coef_eps * eps;
@@ -65,9 +69,10 @@ RISKFAST_HD T transition_mean(T xt, T m, const TransitionCoefs<T>& c, bool& in_c
 template <int PRED, typename T>
 RISKFAST_HD void transition_mean_backward(T grad_mean, bool in_clip, const TransitionCoefs<T>& c,
                                           T& grad_xt, T& grad_m) {
+  // a skipped term (zero coefficient) has a zero product here: no test needed
   const T grad_x0 = in_clip ? c.coef_x0 * grad_mean : T(0);
-  const T grad_eps = c.use_eps ? c.coef_eps * grad_mean : T(0);
-  const T grad_direct = c.use_sample ? c.coef_sample * grad_mean : T(0);
+  const T grad_eps = c.coef_eps * grad_mean;
+  const T grad_direct = c.coef_sample * grad_mean;
   if (PRED == kPredEpsilon) {
     const T q = grad_x0 * c.inv_root_a;
     grad_xt = q + grad_direct;
