@@ -61,22 +61,46 @@ GPU_SHAPES = {
     "selective": [(4096, 32000), (16384, 151936)],
     "fused": [(4096, 2048, 32000), (8192, 4096, 128256)],
     "advantages": [512, 4096],  # questions, 16 responses each, bundles of 5
+    # RLR (spec/kernels.md): latents (B, 4, 64, 64) and (B, 4, 128, 128) with B = 8, and
+    # B = 64 to see the bandwidth-bound regime; parameters: flat 1M and 860M, and the
+    # tensor lists of LoRA r=4 on SD 1.5's attention and of SD 1.5's UNet; element
+    # counts are divided by rlr_param_divisor.
+    "rlr_latents": [(8, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)],
+    "rlr_param_divisor": 1,
+    "rlr_normal_numel": 2**28,
 }
 DRY_RUN_SHAPES = {
     "selective": [(48, 1000)],
     "fused": [(48, 64, 1000)],
     "advantages": [16],
+    "rlr_latents": [(2, 4, 8, 8)],
+    "rlr_param_divisor": 10_000,
+    "rlr_normal_numel": 4096,
 }
+# Element counts of SD 1.5's UNet parameters and of LoRA r=4 on its attention projections
+# (recorded from diffusers on the meta device; the GPU machine has no diffusers).
+SD15_NUMELS = REPO / "benchmarks" / "sd15_param_numels.json"
+RLR_SEEDS8 = list(range(100, 108))
 # Tile sweeps at the largest shape, for the next tuning step (the defaults come first).
 # Fused configurations: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages), each free of
 # register spills on sm_90 at model sizes (checked ahead of time, bf16).
 SWEEP_SELECTIVE_BLOCK_V = [8192, 2048, 4096, 16384]
-SWEEP_FUSED_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3),
-                     (128, 128, 128, 8, 2)]
+SWEEP_FUSED_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (64, 256, 64, 8, 3),
+    (128, 128, 128, 8, 2),
+]
 TFLOPS_BF16 = 800e12
 BUNDLE_TARGET_S = 20e-6  # spec/kernels.md: < 20 us at N = 65,536 on an H100
-TEST_FILES = ["tests/test_ops_logprobs.py", "tests/test_ops_logprob_oracle.py",
-              "tests/test_kernel_bundle_advantages.py", "tests/test_riskpo_host_sync.py"]
+TEST_FILES = [
+    "tests/test_ops_logprobs.py",
+    "tests/test_ops_logprob_oracle.py",
+    "tests/test_kernel_bundle_advantages.py",
+    "tests/test_riskpo_host_sync.py",
+    "tests/test_ops_noise_cuda.py",
+    "tests/test_ops_transition_cuda.py",
+]
 
 
 def _ceiling_bandwidth(name: str) -> float:
@@ -94,8 +118,17 @@ def _source_tree_env() -> dict[str, str]:
 
 def _build() -> bool:
     """Editable build of riskfast (``riskfast._C`` included); True when it worked."""
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-           "-e", str(REPO)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-build-isolation",
+        "--no-deps",
+        "-e",
+        str(REPO),
+    ]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     try:
@@ -108,9 +141,16 @@ def _build() -> bool:
         return False
     try:
         probe = subprocess.run(
-            [sys.executable, "-c",
-             "import riskfast._C as c, json; print(json.dumps(c.build_info()))"],
-            cwd="/", capture_output=True, text=True, timeout=120, check=False,
+            [
+                sys.executable,
+                "-c",
+                "import riskfast._C as c, json; print(json.dumps(c.build_info()))",
+            ],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         print("riskfast._C: import timed out", flush=True)
@@ -188,28 +228,63 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict[str, object]] = []
 
-    def add(self, kernel: str, shape: str, variant: str, ms: float, achieved: str,
-            floor_frac: float, mem: float) -> None:
-        row = {"kernel": kernel, "shape": shape, "variant": variant, "ms": ms,
-               "achieved": achieved, "floor_frac": floor_frac, "peak_mib": mem}
+    def add(
+        self,
+        kernel: str,
+        shape: str,
+        variant: str,
+        ms: float,
+        achieved: str,
+        floor_frac: float,
+        mem: float,
+    ) -> None:
+        row = {
+            "kernel": kernel,
+            "shape": shape,
+            "variant": variant,
+            "ms": ms,
+            "achieved": achieved,
+            "floor_frac": floor_frac,
+            "peak_mib": mem,
+        }
         self.rows.append(row)
         print(" | ".join(self._cells(row)), flush=True)
 
     @staticmethod
     def _cells(row: dict[str, object]) -> tuple[str, ...]:
         mem = row["peak_mib"]
-        return (str(row["kernel"]), str(row["shape"]), str(row["variant"]), f"{row['ms']:.3f}",
-                str(row["achieved"]), f"{row['floor_frac']:.2f}",
-                "-" if math.isnan(mem) else f"{mem:.0f}")  # NaN: not measured
+        return (
+            str(row["kernel"]),
+            str(row["shape"]),
+            str(row["variant"]),
+            f"{row['ms']:.3f}",
+            str(row["achieved"]),
+            f"{row['floor_frac']:.2f}",
+            "-" if math.isnan(mem) else f"{mem:.0f}",
+        )  # NaN: not measured
 
     def markdown(self) -> str:
         cells = [self.header, *(self._cells(r) for r in self.rows)]
         widths = [max(len(c[i]) for c in cells) for i in range(len(self.header))]
-        lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(self.header, widths)) + " |",
-                 "| " + " | ".join("-" * w for w in widths) + " |"]
-        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-                  for r in cells[1:]]
+        lines = [
+            "| " + " | ".join(h.ljust(w) for h, w in zip(self.header, widths)) + " |",
+            "| " + " | ".join("-" * w for w in widths) + " |",
+        ]
+        lines += [
+            "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]
+        ]
         return "\n".join(lines)
+
+
+def _compiled_ops_summary() -> dict[str, object]:
+    """Which riskfast._C operators exist for which devices (riskfast.build_info())."""
+    try:
+        from riskfast import build_info
+
+        info = build_info()
+        return {key: info.get(key) for key in ("compiled_ops", "noise_math", "compiled_cuda")}
+    except Exception as err:  # noqa: BLE001 - a report, not a check
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _rate(amount: float, ms: float, unit: str) -> str:
@@ -226,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweeps")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per row")
     parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md/.json here")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, Triton interpreter, tiny shapes: test this script")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, Triton interpreter, tiny shapes: test this script",
+    )
     args = parser.parse_args(argv)
     # Before anything imports triton: compiled kernels on a GPU, the interpreter on a CPU.
     os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
@@ -250,13 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from riskfast.ops import (
+        TransitionCoefficients,
+        accumulate_noise_,
         fused_linear_logprobs,
         fused_linear_logprobs_reference,
+        philox_normal,
         selective_logprobs,
         selective_logprobs_reference,
+        transition_log_prob,
+        transition_log_prob_into,
     )
     from riskfast.ops.bundle_advantages import bundle_advantages as launch_bundle
     from riskfast.ops.logprobs import _load_kernels
+    from riskfast.ops.transition import transition_log_prob_reference
     from riskfast.riskpo import advantages as riskpo_advantages
     from riskfast.riskpo.bundling import consecutive_layout, draw_bundling, member_response_table
 
@@ -265,15 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(dev)
     shapes = DRY_RUN_SHAPES if args.dry_run else GPU_SHAPES
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    dtype_name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
-        "float32", "fp32")
-    print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
-          f"numpy {numpy.__version__}", flush=True)
+    dtype_name = (
+        str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"numpy {numpy.__version__}",
+        flush=True,
+    )
     if triton.__version__.startswith("3.6") and tuple(
         int(x) for x in numpy.__version__.split(".")[:2]
     ) >= (2, 4):
-        print("WARNING: Triton 3.6 with numpy >= 2.4 breaks loops with run-time bounds "
-              "(see ENVIRONMENT.md); install numpy<2.4", flush=True)
+        print(
+            "WARNING: Triton 3.6 with numpy >= 2.4 breaks loops with run-time bounds "
+            "(see ENVIRONMENT.md); install numpy<2.4",
+            flush=True,
+        )
     if not args.no_tests:
         status = _run_tests() or status
 
@@ -290,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth()
     timer.empty_cache()
     ceiling = _ceiling_bandwidth(name)
-    print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s measured "
-          f"(spec ceiling {ceiling / 1e12:.1f} TB/s)", flush=True)
+    print(
+        f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s measured "
+        f"(spec ceiling {ceiling / 1e12:.1f} TB/s)",
+        flush=True,
+    )
 
     def memory_floor_ms(nbytes: float) -> float:
         """Milliseconds to move ``nbytes`` at the spec's copy bandwidth for this card."""
@@ -312,24 +406,46 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator(device=dev).manual_seed(0)
 
-    def timed_rows(kernel: str, shape: str, variant: str, forward: Callable[[], torch.Tensor],
-                   inputs: tuple[torch.Tensor, ...], g: torch.Tensor,
-                   amounts: tuple[float, float], unit: str, floor: Callable[[float], float],
-                   time_forward: bool = True) -> None:
+    def timed_rows(
+        kernel: str,
+        shape: str,
+        variant: str,
+        forward: Callable[[], torch.Tensor],
+        inputs: tuple[torch.Tensor, ...],
+        g: torch.Tensor,
+        amounts: tuple[float, float],
+        unit: str,
+        floor: Callable[[float], float],
+        time_forward: bool = True,
+    ) -> None:
         """Forward, backward and forward+backward rows of one variant."""
         try:
             if time_forward:
                 ms = timer.ms(forward)
-                table.add(f"{kernel} fwd", shape, variant, ms, _rate(amounts[0], ms, unit),
-                          floor(amounts[0]) / ms, timer.peak_extra_mib(forward))
+                table.add(
+                    f"{kernel} fwd",
+                    shape,
+                    variant,
+                    ms,
+                    _rate(amounts[0], ms, unit),
+                    floor(amounts[0]) / ms,
+                    timer.peak_extra_mib(forward),
+                )
             out = forward()
 
             def backward(out=out):
                 return torch.autograd.grad(out, inputs, g, retain_graph=True)
 
             ms = timer.ms(backward)
-            table.add(f"{kernel} bwd", shape, variant, ms, _rate(amounts[1], ms, unit),
-                      floor(amounts[1]) / ms, timer.peak_extra_mib(backward))
+            table.add(
+                f"{kernel} bwd",
+                shape,
+                variant,
+                ms,
+                _rate(amounts[1], ms, unit),
+                floor(amounts[1]) / ms,
+                timer.peak_extra_mib(backward),
+            )
             del out, backward
 
             def both():
@@ -337,8 +453,15 @@ def main(argv: list[str] | None = None) -> int:
 
             total = amounts[0] + amounts[1]
             ms = timer.ms(both)
-            table.add(f"{kernel} fwd+bwd", shape, variant, ms, _rate(total, ms, unit),
-                      floor(total) / ms, timer.peak_extra_mib(both))
+            table.add(
+                f"{kernel} fwd+bwd",
+                shape,
+                variant,
+                ms,
+                _rate(total, ms, unit),
+                floor(total) / ms,
+                timer.peak_extra_mib(both),
+            )
         except Exception as err:  # noqa: BLE001 - report and go on: one table
             print(f"{kernel} {shape} {variant}: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append(f"{kernel} {shape} {variant}")
@@ -360,9 +483,17 @@ def main(argv: list[str] | None = None) -> int:
             compiled = torch.compile(selective_logprobs_reference, dynamic=False)
             variants.append(("torch.compile(reference)", lambda: compiled(logits, targets)))
         for variant, forward in variants:
-            timed_rows("selective", shape, variant, forward, (logits,), g,
-                       (n * v * logits.element_size(), 2 * n * v * logits.element_size()),
-                       "TB/s", memory_floor_ms)
+            timed_rows(
+                "selective",
+                shape,
+                variant,
+                forward,
+                (logits,),
+                g,
+                (n * v * logits.element_size(), 2 * n * v * logits.element_size()),
+                "TB/s",
+                memory_floor_ms,
+            )
 
     def run_fused(n: int, h: int, v: int) -> None:
         """Matrix bound: 2NHV forward, 6NHV backward with recomputation (8NHV in all)."""
@@ -381,14 +512,25 @@ def main(argv: list[str] | None = None) -> int:
         variants: list[tuple[str, Callable[[], torch.Tensor], str, bool]] = [
             ("triton", ours, "triton", True),
             ("triton, cuBLAS grad matmuls", ours, "torch", False),
-            ("reference", lambda: fused_linear_logprobs_reference(hidden, weight, targets),
-             "triton", True),
+            (
+                "reference",
+                lambda: fused_linear_logprobs_reference(hidden, weight, targets),
+                "triton",
+                True,
+            ),
         ]
         if not args.no_compile:
             compiled = torch.compile(fused_linear_logprobs_reference, dynamic=False)
-            variants.append(("torch.compile(reference)", lambda: compiled(hidden, weight, targets),
-                             "triton", True))
+            variants.append(
+                (
+                    "torch.compile(reference)",
+                    lambda: compiled(hidden, weight, targets),
+                    "triton",
+                    True,
+                )
+            )
         if liger is not None:
+
             def liger_logp():
                 loss = liger.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]
                 return -loss
@@ -402,9 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         for variant, forward, engine, time_forward in variants:
             fused_kernels.MATMUL_BACKEND = engine
             try:
-                timed_rows("fused", shape, variant, forward, (hidden, weight), g,
-                           (flop, 3 * flop), "TFLOP/s", matrix_floor_ms,
-                           time_forward=time_forward)
+                timed_rows(
+                    "fused",
+                    shape,
+                    variant,
+                    forward,
+                    (hidden, weight),
+                    g,
+                    (flop, 3 * flop),
+                    "TFLOP/s",
+                    matrix_floor_ms,
+                    time_forward=time_forward,
+                )
             finally:
                 fused_kernels.MATMUL_BACKEND = "triton"
 
@@ -417,10 +568,20 @@ def main(argv: list[str] | None = None) -> int:
         bundling = draw_bundling(layout, 5, shuffle=False, generator=None)
         members = member_response_table(layout, bundling)
         kept = torch.ones(members.shape[0], dtype=torch.bool, device=dev)
-        options = {"estimator": "mvar", "form": "paper", "alpha": 0.2, "beta": 0.8,
-                   "omega": 0.5, "w_mix": 1.5, "natural_baseline": True, "w_upper": 1.5,
-                   "score_mean": False, "normalize": True, "center": False,
-                   "credit_std": False}
+        options = {
+            "estimator": "mvar",
+            "form": "paper",
+            "alpha": 0.2,
+            "beta": 0.8,
+            "omega": 0.5,
+            "w_mix": 1.5,
+            "natural_baseline": True,
+            "w_upper": 1.5,
+            "score_mean": False,
+            "normalize": True,
+            "center": False,
+            "credit_std": False,
+        }
         return rewards, lambda: launch_bundle(rewards, members, kept, None, **options)
 
     def run_advantages(questions: int) -> None:
@@ -444,14 +605,33 @@ def main(argv: list[str] | None = None) -> int:
                 for label, call in calls.items():
                     if backend == "torch" and label != "question_ids":
                         continue
-                    ms = timer.ms(lambda backend=backend, call=call: riskpo_advantages(
-                        rewards, backend=backend,
-                        generator=torch.Generator(dev).manual_seed(0), **call))
-                    table.add("bundle advantages", shape, f"{backend} advantages({label})", ms,
-                              "-", target_ms / ms, float("nan"))
+                    ms = timer.ms(
+                        lambda backend=backend, call=call: riskpo_advantages(
+                            rewards,
+                            backend=backend,
+                            generator=torch.Generator(dev).manual_seed(0),
+                            **call,
+                        )
+                    )
+                    table.add(
+                        "bundle advantages",
+                        shape,
+                        f"{backend} advantages({label})",
+                        ms,
+                        "-",
+                        target_ms / ms,
+                        float("nan"),
+                    )
             ms = timer.ms(launch_only)
-            table.add("bundle advantages", shape, "triton launch only", ms, "-",
-                      target_ms / ms, float("nan"))
+            table.add(
+                "bundle advantages",
+                shape,
+                "triton launch only",
+                ms,
+                "-",
+                target_ms / ms,
+                float("nan"),
+            )
         except Exception as err:  # noqa: BLE001 - report and go on: one table
             print(f"bundle advantages {shape}: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append(f"bundle advantages {shape}")
@@ -487,18 +667,232 @@ def main(argv: list[str] | None = None) -> int:
         calls = {
             "triton launch only, CUDA graph": launch_only,
             # The default generator: CUDA-graph capture registers its state itself.
-            "triton advantages(group_size, validate=False), CUDA graph": lambda: (
-                riskpo_advantages(rewards, group_size=16, validate=False, backend="triton")),
+            "triton advantages(group_size, validate=False), CUDA graph": lambda: riskpo_advantages(
+                rewards, group_size=16, validate=False, backend="triton"
+            ),
         }
         for variant, call in calls.items():
             try:
                 ms = graph_ms_per_call(call, copies=20)
-                table.add("bundle advantages", shape, variant, ms, "-", target_ms / ms,
-                          float("nan"))
+                table.add(
+                    "bundle advantages", shape, variant, ms, "-", target_ms / ms, float("nan")
+                )
             except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"bundle advantages {shape} {variant}: FAILED {type(err).__name__}: "
-                      f"{err}", flush=True)
+                print(
+                    f"bundle advantages {shape} {variant}: FAILED {type(err).__name__}: {err}",
+                    flush=True,
+                )
                 failures.append(f"bundle advantages {shape} {variant}")
+
+    def rlr_params(kind: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Parameter lists of the RLR noise rows (element counts / rlr_param_divisor)."""
+        divisor = shapes["rlr_param_divisor"]
+        numels = json.loads(SD15_NUMELS.read_text())
+        counts = {
+            "flat 1M": [1_000_000],
+            "flat 860M": [860_000_000],
+            "LoRA list": numels["lora_r4_attention"],
+            "UNet list": numels["unet"],
+        }[kind]
+        return [torch.zeros(max(1, n // divisor), dtype=dtype, device=dev) for n in counts]
+
+    def run_rlr_noise(kind: str, dtype: torch.dtype) -> None:
+        """perturb_ (one seed) and accumulate_noise_ (8 seeds): one read and one write of
+        the parameters whatever the seed count; target >= 70% of copy bandwidth."""
+        try:
+            params = rlr_params(kind, dtype)
+        except Exception as err:  # noqa: BLE001 - report and go on: one table
+            print(f"rlr noise {kind}: FAILED {type(err).__name__}: {err}", flush=True)
+            failures.append(f"rlr noise {kind}")
+            return
+        numel = sum(p.numel() for p in params)
+        nbytes = 2 * numel * params[0].element_size()
+        label = (
+            str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+        )
+        shape = f"{kind} ({len(params)} tensors, {numel / 1e6:.2f}M {label})"
+        hand = torch.Generator(device=dev)
+
+        def by_hand(seeds, scales):
+            for seed, scale in zip(seeds, scales):
+                hand.manual_seed(seed)
+                for p in params:
+                    p.add_(
+                        torch.randn(p.shape, generator=hand, device=dev, dtype=p.dtype),
+                        alpha=scale,
+                    )
+
+        variants = {
+            "compiled": lambda seeds, scales: accumulate_noise_(
+                params, seeds, scales, backend="compiled"
+            ),
+            "by hand (randn + add_)": by_hand,
+        }
+        if numel <= 2_000_000 or args.dry_run:  # the reference takes seconds at 860M
+            variants["reference"] = lambda seeds, scales: accumulate_noise_(
+                params, seeds, scales, backend="reference"
+            )
+        for op, seeds in (("rlr perturb_", [7]), ("rlr accumulate_noise_ x8", RLR_SEEDS8)):
+            scales = [1e-3 * (-1) ** i for i in range(len(seeds))]
+            for variant, call in variants.items():
+                try:
+                    ms = timer.ms(lambda call=call, seeds=seeds, scales=scales: call(seeds, scales))
+                    table.add(
+                        op,
+                        shape,
+                        variant,
+                        ms,
+                        _rate(nbytes, ms, "TB/s"),
+                        memory_floor_ms(nbytes) / ms,
+                        float("nan"),
+                    )
+                except Exception as err:  # noqa: BLE001 - report and go on: one table
+                    print(f"{op} {shape} {variant}: FAILED {type(err).__name__}: {err}")
+                    failures.append(f"{op} {shape} {variant}")
+        if timer.cuda and kind == "LoRA list":
+            try:  # the host out of the timing: many small tensors, few launches
+                ms = graph_ms_per_call(
+                    lambda: accumulate_noise_(params, [7], [1e-3], backend="compiled"), copies=10
+                )
+                table.add(
+                    "rlr perturb_",
+                    shape,
+                    "compiled, CUDA graph",
+                    ms,
+                    _rate(nbytes, ms, "TB/s"),
+                    memory_floor_ms(nbytes) / ms,
+                    float("nan"),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"rlr perturb_ CUDA graph: FAILED {type(err).__name__}: {err}")
+                failures.append("rlr perturb_ CUDA graph")
+        timer.empty_cache()
+
+    def run_rlr_normal(numel: int) -> None:
+        """philox_normal: one write of numel float32 numbers."""
+        hand = torch.Generator(device=dev).manual_seed(5)
+        variants = {
+            "compiled": lambda: philox_normal(numel, 5, device=dev, backend="compiled"),
+            "reference": lambda: philox_normal(numel, 5, device=dev, backend="reference"),
+            "by hand (torch.randn)": lambda: torch.randn(numel, device=dev, generator=hand),
+        }
+        for variant, call in variants.items():
+            try:
+                ms = timer.ms(call)
+                table.add(
+                    "rlr philox_normal",
+                    f"{numel} fp32",
+                    variant,
+                    ms,
+                    _rate(4 * numel, ms, "TB/s"),
+                    memory_floor_ms(4 * numel) / ms,
+                    timer.peak_extra_mib(call),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"rlr philox_normal {variant}: FAILED {type(err).__name__}: {err}")
+                failures.append(f"rlr philox_normal {variant}")
+        timer.empty_cache()
+
+    rlr_stream: dict[str, object] = {}
+
+    def check_rlr_stream(numel: int) -> None:
+        """How the compiled CUDA stream compares with the CUDA reference (the same device
+        math: expected bitwise) and with the CPU stream (MKL's float32 math: a few ulps).
+        Measured and recorded in gpu_check.json ("rlr_stream"); a gap above 8 ulps from
+        the CPU stream is a bug and fails the run."""
+        try:
+            for seed, offset in ((0, 0), (2**40 + 3, 4 * (2**32 - 7) + 1)):
+                compiled = philox_normal(numel, seed, offset, device=dev, backend="compiled")
+                reference = philox_normal(numel, seed, offset, device=dev, backend="reference")
+                cpu = philox_normal(numel, seed, offset, backend="reference")
+
+                def ulps(a, b):
+                    bits = a.cpu().view(torch.int32).long() - b.cpu().view(torch.int32).long()
+                    return bits.abs()
+
+                vs_reference, vs_cpu = ulps(compiled, reference), ulps(compiled, cpu)
+                record = {
+                    "numbers": numel,
+                    "differ_from_device_reference": int((vs_reference > 0).sum()),
+                    "max_ulps_device_reference": int(vs_reference.max()),
+                    "differ_from_cpu": int((vs_cpu > 0).sum()),
+                    "max_ulps_cpu": int(vs_cpu.max()),
+                    "ulp_histogram_cpu": torch.bincount(vs_cpu.clamp(max=8)).tolist(),
+                }
+                rlr_stream[f"seed={seed} offset={offset}"] = record
+                print(f"rlr stream seed={seed} offset={offset}: {record}", flush=True)
+                if record["max_ulps_cpu"] > 8:
+                    failures.append(f"rlr stream seed={seed}: {record['max_ulps_cpu']} ulps")
+        except Exception as err:  # noqa: BLE001 - report and go on: one table
+            print(f"rlr stream check: FAILED {type(err).__name__}: {err}", flush=True)
+            failures.append("rlr stream check")
+
+    def run_rlr_transition(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Fused transition log-density: forward reads x_prev, x_t and the model output
+        once; backward reads them again and writes three gradients (target >= 80% of
+        copy bandwidth); the [B, T] step form reads the three once."""
+        label = (
+            str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+        )
+        name_shape = f"{'x'.join(map(str, shape))} {label}"
+        try:
+            inputs = tuple(
+                torch.randn(shape, device=dev, generator=gen).to(dtype).requires_grad_(True)
+                for _ in range(3)
+            )
+            a_t, a_prev = 0.5, 0.6
+            sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+            coefficients = TransitionCoefficients(
+                a_t, a_prev**0.5, (1 - a_prev - sigma**2) ** 0.5, 0.0, sigma
+            )
+            g = torch.randn(shape[0], device=dev, generator=gen)
+        except Exception as err:  # noqa: BLE001 - report and go on: one table
+            print(f"rlr transition {name_shape}: FAILED {type(err).__name__}: {err}")
+            failures.append(f"rlr transition {name_shape}")
+            return
+        size = inputs[0].numel() * inputs[0].element_size()
+        variants = {
+            "compiled": lambda: transition_log_prob(*inputs, coefficients, backend="compiled"),
+            "reference": lambda: transition_log_prob(*inputs, coefficients, backend="reference"),
+        }
+        if not args.no_compile:
+            compiled_reference = torch.compile(transition_log_prob_reference, dynamic=False)
+            variants["torch.compile(reference)"] = lambda: compiled_reference(
+                *inputs, coefficients
+            )[0]
+        for variant, forward in variants.items():
+            timed_rows(
+                "rlr transition",
+                name_shape,
+                variant,
+                forward,
+                inputs,
+                g,
+                (3 * size, 6 * size),
+                "TB/s",
+                memory_floor_ms,
+            )
+        log_probs = torch.zeros(shape[0], 50, device=dev)
+        for variant in ("compiled", "reference"):
+            try:
+                ms = timer.ms(
+                    lambda variant=variant: transition_log_prob_into(
+                        log_probs, 7, *inputs, coefficients, backend=variant
+                    )
+                )
+                table.add(
+                    "rlr transition_log_prob_into",
+                    name_shape,
+                    variant,
+                    ms,
+                    _rate(3 * size, ms, "TB/s"),
+                    memory_floor_ms(3 * size) / ms,
+                    float("nan"),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"rlr transition_log_prob_into {variant}: FAILED {err}")
+                failures.append(f"rlr transition_log_prob_into {name_shape} {variant}")
+        timer.empty_cache()
 
     kernels = _load_kernels()
 
@@ -520,21 +914,39 @@ def main(argv: list[str] | None = None) -> int:
         first = None
         for block_v in SWEEP_SELECTIVE_BLOCK_V:
             try:
+
                 def forward(block_v=block_v):
-                    return module.selective_logprobs_forward(logits, targets, 1.0, False,
-                                                             block_v=block_v)
+                    return module.selective_logprobs_forward(
+                        logits, targets, 1.0, False, block_v=block_v
+                    )
 
                 ms = timer.ms(forward)
-                table.add("sweep selective fwd", shape, f"BLOCK_V={block_v}", ms,
-                          _rate(nbytes, ms, "TB/s"), memory_floor_ms(nbytes) / ms, float("nan"))
+                table.add(
+                    "sweep selective fwd",
+                    shape,
+                    f"BLOCK_V={block_v}",
+                    ms,
+                    _rate(nbytes, ms, "TB/s"),
+                    memory_floor_ms(nbytes) / ms,
+                    float("nan"),
+                )
                 logp, lse, _ = forward()
                 first = logp if first is None else first
                 _check_same(f"sweep selective BLOCK_V={block_v}", logp, first)
-                ms = timer.ms(lambda block_v=block_v, lse=lse: module.selective_logprobs_backward(
-                    logits, targets, lse, None, g, None, 1.0, block_v=block_v))
-                table.add("sweep selective bwd", shape, f"BLOCK_V={block_v}", ms,
-                          _rate(2 * nbytes, ms, "TB/s"), memory_floor_ms(2 * nbytes) / ms,
-                          float("nan"))
+                ms = timer.ms(
+                    lambda block_v=block_v, lse=lse: module.selective_logprobs_backward(
+                        logits, targets, lse, None, g, None, 1.0, block_v=block_v
+                    )
+                )
+                table.add(
+                    "sweep selective bwd",
+                    shape,
+                    f"BLOCK_V={block_v}",
+                    ms,
+                    _rate(2 * nbytes, ms, "TB/s"),
+                    memory_floor_ms(2 * nbytes) / ms,
+                    float("nan"),
+                )
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"sweep selective BLOCK_V={block_v}: FAILED {type(err).__name__}: {err}")
                 failures.append(f"sweep selective BLOCK_V={block_v}")
@@ -555,20 +967,36 @@ def main(argv: list[str] | None = None) -> int:
         for tiles in SWEEP_FUSED_TILES:
             module._tile_blocks = lambda _dtype, tiles=tiles: tiles
             try:
+
                 def forward():
                     return fused_linear_logprobs(hidden, weight, targets, backend="triton")
 
                 ms = timer.ms(forward)
                 label = "x".join(map(str, tiles[:3])) + f" w{tiles[3]} s{tiles[4]}"
-                table.add("sweep fused fwd", shape, label, ms, _rate(flop, ms, "TFLOP/s"),
-                          matrix_floor_ms(flop) / ms, float("nan"))
+                table.add(
+                    "sweep fused fwd",
+                    shape,
+                    label,
+                    ms,
+                    _rate(flop, ms, "TFLOP/s"),
+                    matrix_floor_ms(flop) / ms,
+                    float("nan"),
+                )
                 out = forward()
                 first = out.detach() if first is None else first
                 _check_same(f"sweep fused {label}", out.detach(), first)
-                ms = timer.ms(lambda out=out: torch.autograd.grad(
-                    out, (hidden, weight), g, retain_graph=True))
-                table.add("sweep fused bwd", shape, label, ms, _rate(3 * flop, ms, "TFLOP/s"),
-                          matrix_floor_ms(3 * flop) / ms, float("nan"))
+                ms = timer.ms(
+                    lambda out=out: torch.autograd.grad(out, (hidden, weight), g, retain_graph=True)
+                )
+                table.add(
+                    "sweep fused bwd",
+                    shape,
+                    label,
+                    ms,
+                    _rate(3 * flop, ms, "TFLOP/s"),
+                    matrix_floor_ms(3 * flop) / ms,
+                    float("nan"),
+                )
                 del out
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"sweep fused {tiles}: FAILED {type(err).__name__}: {err}")
@@ -583,6 +1011,14 @@ def main(argv: list[str] | None = None) -> int:
         run_fused(n, h, v)
     for questions in shapes["advantages"]:
         run_advantages(questions)
+    check_rlr_stream(shapes["rlr_normal_numel"] // 16)
+    for latents in shapes["rlr_latents"]:
+        for rlr_dtype in (torch.float32, torch.bfloat16):
+            run_rlr_transition(latents, rlr_dtype)
+    for kind in ("flat 1M", "LoRA list", "UNet list", "flat 860M"):
+        run_rlr_noise(kind, torch.float32)
+    run_rlr_noise("flat 860M", torch.bfloat16)
+    run_rlr_normal(shapes["rlr_normal_numel"])
     if not args.no_sweep:
         sweep_selective(*shapes["selective"][-1])
         sweep_fused(*shapes["fused"][-1])
@@ -594,10 +1030,12 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         status = status or 1
 
-    caption = (f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
-               f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
-               f"bwd counts 6NHV; bundle advantages: 20 us target / measured); measured copy "
-               f"{copy_bw / 1e12:.2f} TB/s")
+    caption = (
+        f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
+        f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
+        f"bwd counts 6NHV; bundle advantages: 20 us target / measured); measured copy "
+        f"{copy_bw / 1e12:.2f} TB/s"
+    )
     print(f"\n{caption}\n{table.markdown()}")
     if failures:
         print("failed rows:", "; ".join(failures))
@@ -605,9 +1043,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.md").write_text(f"{caption}\n\n{table.markdown()}\n")
-        summary = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                   "copy_bandwidth_tb_s": copy_bw / 1e12, "status": status,
-                   "failures": failures, "rows": table.rows}
+        summary = {
+            "device": name,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "copy_bandwidth_tb_s": copy_bw / 1e12,
+            "status": status,
+            "failures": failures,
+            "rlr_stream": rlr_stream,
+            "rlr_compiled_ops": _compiled_ops_summary(),
+            "rows": table.rows,
+        }
         (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
     return status
 
