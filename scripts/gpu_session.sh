@@ -9,8 +9,10 @@
 # 2. Through the device tool, from the repository root:
 #        run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=480)
 #    It installs the wheels into /tmp/site, records the card, and runs
-#    benchmarks/gpu_check.py (build, GPU tests, timings; < 5 min on an H100), writing
-#    gpu_check.md, gpu_check.json and the whole log under $OUT.
+#    benchmarks/gpu_check.py (build of riskfast._C with its CUDA ops, GPU tests, timings
+#    of the Triton kernels and of RLR's CUDA ops; < 5 min on an H100), writing
+#    gpu_check.md, gpu_check.json (with "rlr_stream": how the CUDA noise stream compares
+#    with the CUDA and CPU references, in ulps) and the whole log under $OUT.
 # 3. Copy the table into benchmarks/RESULTS.md with the card, the date and the commit.
 #
 # Extra arguments are passed to gpu_check.py (e.g. --no-build --no-compile --reps 5).
