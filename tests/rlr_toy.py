@@ -9,6 +9,7 @@ are computed once per process (about 2 s) and copied for each user.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -44,8 +45,29 @@ def mixture(n: int, generator: torch.Generator) -> torch.Tensor:
     return centers[which] + 0.15 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run with one intra-op thread (restored after).
+
+    The toy's tensors are tiny, so threads only add overhead; and on a shared 2-core
+    machine two spinning intra-op threads per process oversubscribe the cores (measured:
+    206 ms per ZO call with 2 threads under load, 8 ms with 1).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @functools.cache
 def _pretrained_state() -> dict[str, torch.Tensor]:
+    with one_thread():
+        return _pretrain()
+
+
+def _pretrain() -> dict[str, torch.Tensor]:
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)

@@ -29,6 +29,12 @@ from riskfast.rlr import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with rlr_toy.one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return rlr_toy.pretrained_denoiser()

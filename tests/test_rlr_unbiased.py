@@ -35,6 +35,12 @@ THRESHOLD = 4.3
 ZO_THRESHOLD = 4.8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with rlr_toy.one_thread():
+        yield
+
+
 @functools.cache
 def _setting():
     model = rlr_toy.pretrained_denoiser()
