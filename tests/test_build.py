@@ -87,3 +87,56 @@ def test_a_missing_extension_is_reported_not_raised(monkeypatch):
         monkeypatch.undo()
         load_extension.cache_clear()
     assert load_extension() is not None
+
+
+RLR_OPS = {
+    "philox_normal_fill_",
+    "accumulate_noise_",
+    "transition_log_prob",
+    "transition_log_prob_backward",
+    "transition_log_prob_into_",
+}
+
+
+def test_build_info_lists_the_compiled_ops_and_their_devices():
+    from riskfast.ops._compiled import compiled_devices
+
+    info = build_info()
+    ops = info["compiled_ops"]
+    assert set(ops) == RLR_OPS
+    for name, devices in ops.items():
+        assert "cpu" in devices
+        assert ("cuda" in devices) is info["compiled_cuda"]
+        # what the build says is what torch's dispatcher has
+        assert sorted(compiled_devices(name)) == sorted(devices)
+    assert info["noise_math"] in ("mkl", "aten")
+
+
+def test_riskfast_info_prints_the_compiled_ops(capsys):
+    import json
+
+    from riskfast.cli import main
+
+    assert main(["info"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["compiled_ops"]) == RLR_OPS
+    assert printed["compiled_ops"]["transition_log_prob"][0] == "cpu"
+
+
+def test_without_compiled_kernels_auto_runs_the_reference_and_compiled_raises(monkeypatch):
+    import pytest
+
+    from riskfast.ops import _compiled, perturb_, transition_log_prob
+    from riskfast.ops.philox import philox_normal_reference
+    from riskfast.ops.transition import TransitionCoefficients
+
+    monkeypatch.setattr(_compiled, "_KERNEL_DEVICES", {op: frozenset() for op in _compiled.OPS})
+    x = torch.zeros(10)
+    perturb_(x, 3, 1.0)  # auto
+    assert torch.equal(x, philox_normal_reference(10, 3))
+    with pytest.raises(RuntimeError, match="^backend: 'compiled'"):
+        perturb_(x, 3, 1.0, backend="compiled")
+    step = TransitionCoefficients(0.5, 0.7, 0.3, 0.0, 0.2)
+    with pytest.raises(RuntimeError, match="^backend: the 'compiled'"):
+        transition_log_prob(x[None], x[None], x[None], step, backend="compiled")
+    assert transition_log_prob(x[None], x[None], x[None], step).shape == (1,)
