@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "by hand (randn + add_)": by_hand,
         }
-        if numel <= 2_000_000 or args.dry_run:  # the reference takes seconds at 860M
+        if kind in ("flat 1M", "LoRA list"):  # the reference takes seconds at 860M
             variants["reference"] = lambda seeds, scales: accumulate_noise_(
                 params, seeds, scales, backend="reference"
             )
