@@ -75,6 +75,14 @@ def _full_projections(calls, chains, seed):
     )
 
 
+def _label(config):
+    if config.estimator == "rlr":
+        return f"rlr rest={config.rest} window={config.window}"
+    if config.estimator == "draft":
+        return f"draft fo_steps={config.fo_steps}"
+    return config.estimator
+
+
 def _paired_z(config, calls, chains, seed, threshold):
     """``(z per direction, message)`` of the paired test of ``config`` against ``full``."""
     model, scheduler, g_norm, directions = _setting()
@@ -84,7 +92,7 @@ def _paired_z(config, calls, chains, seed, threshold):
     z = mean / se
     detectable = (threshold + 1.0) * float(se[0]) / g_norm
     message = (
-        f"{config.estimator} rest={config.rest} window={config.window}, {calls} calls x "
+        f"{_label(config)}, {calls} calls x "
         f"{chains} starts: difference from full backprop along the true gradient "
         f"{float(mean[0]):.4g} +- {float(se[0]):.3g} (|g| = {g_norm:.4g}, "
         f"{100 * float(mean[0]) / g_norm:+.1f}%); z on the 4 directions "
