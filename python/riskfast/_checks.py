@@ -109,10 +109,17 @@ def require_all_finite(
     present = [(n, t, m) for n, t, m in checks if t is not None and t.is_floating_point()]
     if not present:
         return
-    flags = []
+    # Tensors of one shape under one mask share a pass: AND their finiteness, then mask.
+    groups: dict[tuple[int, tuple[int, ...]], list[tuple[torch.Tensor, Any]]] = {}
     for _, tensor, mask in present:
-        bad = ~torch.isfinite(tensor)
-        flags.append((bad & mask if mask is not None else bad).any())
+        groups.setdefault((id(mask), tuple(tensor.shape)), []).append((tensor, mask))
+    flags = []
+    for members in groups.values():
+        finite = torch.isfinite(members[0][0])
+        for tensor, _ in members[1:]:
+            finite &= torch.isfinite(tensor)
+        mask = members[0][1]
+        flags.append((~finite & mask if mask is not None else ~finite).any())
     if not any(torch.stack(flags).tolist()):
         return
     for name, tensor, mask in present:

@@ -83,9 +83,10 @@ class PolicyLossOptions:
 class TokenInputs:
     """Checked token-level inputs of :func:`policy_loss` (see :func:`check_token_inputs`).
 
-    Every tensor is ``[N, T]`` in the compute dtype with 0 outside the response (so
-    whatever the caller's padding held can reach neither the loss nor a gradient);
-    ``logp`` and ``entropy`` stay differentiable.
+    Every tensor is ``[N, T]`` in the compute dtype; ``logp``, ``ref_logp`` and
+    ``entropy`` hold 0 outside the response (so whatever the caller's padding held can
+    reach neither the loss nor a gradient), ``old_logp`` is used only through masked
+    differences. ``logp`` and ``entropy`` stay differentiable.
     """
 
     logp: torch.Tensor
@@ -212,7 +213,9 @@ def check_token_inputs(
 
     def response_only(value: torch.Tensor | None, detach: bool) -> torch.Tensor | None:
         # 0 outside the response before any arithmetic: padding (NaN, inf, anything)
-        # reaches neither the loss nor, through the backward of a later op, a gradient.
+        # reaches neither the loss nor, through the backward of a later op (the KL's
+        # exp), a gradient. old_logp needs no pass of its own: it meets the response
+        # only through logp - old_logp, which every use masks, and has no gradient.
         if value is None:
             return None
         value = value.detach() if detach else value
@@ -220,7 +223,7 @@ def check_token_inputs(
 
     inputs = TokenInputs(
         logp=response_only(logp, detach=False),
-        old_logp=response_only(old_logp, detach=True),
+        old_logp=old_logp.detach().to(dtype),
         mask=mask,
         ref_logp=response_only(ref_logp, detach=True),
         entropy=response_only(entropy, detach=False),

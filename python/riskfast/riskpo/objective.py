@@ -508,18 +508,27 @@ def pending_advantages(
             member_advantages = member_advantages * kept[:, None]
         flat = _to_responses(rewards, member_response, member_advantages, options)
 
+    response_bundles = bundling.response_bundle_ids(layout)
     if validate:
         _check_values(rewards, original_rewards, scores, quantiles, flat)
     else:
         flat, member_advantages = _zero_non_finite_bundles(
-            flat, member_advantages, bundling, layout
+            flat, member_advantages, response_bundles
         )
     new_values = None
     if use_tracker and update_tracker and tracked is not None:
         assert tracker is not None
         new_values = tracker.stepped(tracked, scores[:num_kept])
     result = _result(
-        rewards, layout, bundling, flat, scores, quantiles, member_advantages, num_kept
+        rewards,
+        layout,
+        bundling,
+        response_bundles,
+        flat,
+        scores,
+        quantiles,
+        member_advantages,
+        num_kept,
     )
 
     def commit() -> None:
@@ -654,13 +663,14 @@ def _zero_degenerate_rows(
 
 
 def _zero_non_finite_bundles(
-    flat: torch.Tensor, member_advantages: torch.Tensor, bundling: Bundling, layout: GroupLayout
+    flat: torch.Tensor, member_advantages: torch.Tensor, response_bundles: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``validate=False``: a bundle with a non-finite member advantage (its scores or
     quantiles were not finite, or finite rewards overflowed on the way) gets 0 on every
-    response; decided on the device, no host read."""
+    response (``response_bundles``: the ``[N]`` bundle of each); decided on the device,
+    no host read."""
     bad = ~torch.isfinite(member_advantages).all(dim=1)
-    flat = torch.where(bad[bundling.response_bundle_ids(layout)], 0.0, flat)
+    flat = torch.where(bad[response_bundles], 0.0, flat)
     return flat, torch.where(bad[:, None], 0.0, member_advantages)
 
 
@@ -699,6 +709,7 @@ def _result(
     rewards: torch.Tensor,
     layout: GroupLayout,
     bundling: Bundling,
+    response_bundles: torch.Tensor,
     flat: torch.Tensor,
     scores: torch.Tensor,
     quantiles: torch.Tensor,
@@ -728,7 +739,7 @@ def _result(
     }
     return AdvantageResult(
         advantages=flat,
-        bundle_ids=bundling.response_bundle_ids(layout),
+        bundle_ids=response_bundles,
         member_ids=bundling.response_member_ids(layout),
         scores=scores,
         quantiles=quantiles,
