@@ -45,6 +45,16 @@ needs_compiled = pytest.mark.skipif(
 STREAMS = [(0, 0), (7, 3), (2**32 + 11, 4097), (2**63 - 1, 4 * (2**32 - 5) + 2)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (tests that vary it set their own): on a shared 2-core machine
+    two spinning threads per process oversubscribe the cores and a 10 ms op takes 10 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Distance in float32 ulps (same-sign values; bit patterns as ordered integers)."""
     return (a.float().view(torch.int32).long() - b.float().view(torch.int32).long()).abs()

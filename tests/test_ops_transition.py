@@ -37,6 +37,16 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction")
 BACKENDS = ["reference", pytest.param("compiled", marks=needs_compiled)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (tests that vary it set their own): on a shared 2-core machine
+    two spinning threads per process oversubscribe the cores and a 10 ms op takes 10 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(shape, dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return tuple(

@@ -37,6 +37,14 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # as test_rlr_unbiased.py: its cached setting (pilot gradient, full-backprop
+    # projections) is computed here first and must be computed the same way
+    with rlr_toy.one_thread():
+        yield
+
+
 def test_auto_backend_is_the_compiled_one_on_this_machine():
     assert RLRConfig().backend == "auto"
     assert COMPILED
