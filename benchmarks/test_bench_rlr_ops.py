@@ -29,7 +29,10 @@ copy bandwidth.
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_rlr_ops.py --benchmark-only -s``
 (about 10 minutes; ``-k lora`` or ``-k transition`` for parts). With ``-s`` the table of
 medians and copy fractions recorded in ``benchmarks/RESULTS.md`` is printed at the end.
-Times on a shared machine vary; the load average is printed with the table.
+Times on a shared machine vary; the load average is printed with the table, and
+``RISKFAST_BENCH_THREADS=1`` pins torch to one thread (with other jobs on the cores,
+every parallel region waits for a descheduled thread, which punishes the reference's
+many small ops far more than a single fused op).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from riskfast.ops.transition import (
 )
 
 COMPILED = _compiled_transition_op(torch.device("cpu")) is not None
+if os.environ.get("RISKFAST_BENCH_THREADS"):  # e.g. 1 on a machine shared with other jobs
+    torch.set_num_threads(int(os.environ["RISKFAST_BENCH_THREADS"]))
 pytestmark = pytest.mark.skipif(not COMPILED, reason="riskfast._C is not built: nothing to time")
 
 LATENTS = {"B=8 4x64x64": (8, 4, 64, 64), "B=8 4x128x128": (8, 4, 128, 128)}
