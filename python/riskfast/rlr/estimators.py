@@ -27,6 +27,16 @@ steps), ``draft`` (FO on the last ``K`` steps), ``alignprop`` (FO with ``K`` dra
 chain), ``full`` (FO through every step: the exact pathwise gradient, the tests'
 oracle), ``zo`` (antithetic ZO at every step: the spec's ZO-only comparison). New estimators register with :func:`register_estimator`.
 
+Several processes (``sync=``): each rank passes its own starts and the same generator
+state; the call then estimates exactly what one process would on the union of the
+ranks' batches (rank order): the inherent noises (and AlignProp's depths) of rank ``r``
+are the slice ``r`` of the union's draws, every other draw of the generator (window
+start, ZO seeds, DDPO's steps) is the same on every rank, the baseline uses the
+rewards of all ranks and the ZO coefficient is the mean over all ranks' pairs. The
+terms that average over chains (FO, window, likelihood ratios) average over this
+rank's chains, so the caller averages ``.grad`` over the ranks afterwards (an
+all-reduce mean: the ZO term, equal on every rank, is unchanged by it).
+
 Recomputation pins values: a step recomputed with gradient returns the stored sample
 plus ``mean - mean.detach()``, so every value equals the sampled chain's exactly and
 only the gradient flows through the mean (the noise of the step is the sampled one).
@@ -37,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -57,6 +67,7 @@ from .sampler import (
 )
 
 __all__ = [
+    "GradientSync",
     "RLRState",
     "estimate_grad",
     "estimator_names",
@@ -97,6 +108,38 @@ def register_estimator(
 
 def estimator_names() -> tuple[str, ...]:
     return tuple(_ESTIMATORS)
+
+
+class GradientSync(Protocol):
+    """What :func:`estimate_grad` needs to act as one process on the union of the ranks.
+
+    ``rank`` in ``[0, world_size)``; ``gather(tensor)`` concatenates every rank's
+    ``tensor`` (same shape and dtype on every rank) along dim 0 in rank order and returns
+    the result on every rank (``accelerate``'s ``Accelerator.gather`` does; the trainer
+    wraps it). Every rank must call :func:`estimate_grad` the same number of times with
+    the same config, generator state and batch size.
+    """
+
+    rank: int
+    world_size: int
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_sync(sync: Any) -> None:
+    if sync is None:
+        return
+    for name in ("rank", "world_size"):
+        value = getattr(sync, name, None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"sync: expected an int sync.{name}, got {value!r}")
+    if sync.world_size < 1 or not 0 <= sync.rank < sync.world_size:
+        raise ValueError(
+            f"sync: expected 0 <= rank < world_size, got rank {sync.rank}, world_size "
+            f"{sync.world_size}"
+        )
+    if not callable(getattr(sync, "gather", None)):
+        raise TypeError("sync: expected a gather(tensor) method")
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +276,9 @@ class EstimationRun:
 
     ``xs[s]`` is ``x_s`` (``s = 0..T``, ``[N, ...]``, detached); ``coefficients[s]``
     the scalars of step ``s`` (index 0 unused); ``N = base_batch * repeats`` chains
-    (``repeats = 2`` for antithetic pairs: chain ``b`` and ``b + base_batch``).
+    (``repeats = 2`` for antithetic pairs: chain ``b`` and ``b + base_batch``). With
+    ``sync``, ``union_rewards`` holds every rank's rewards (rank order) and
+    :meth:`union_draw_rows` the rows of this rank in a draw made for the union.
     """
 
     model: GuidedDenoiser
@@ -253,6 +298,40 @@ class EstimationRun:
     rewards: torch.Tensor | None = None
     staged: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    sync: Any = None
+    union_rewards: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- several processes
+    @property
+    def world_size(self) -> int:
+        return 1 if self.sync is None else self.sync.world_size
+
+    def union_draw_rows(self) -> slice:
+        """This rank's rows of a ``[world_size * base_batch, ...]`` draw for the union."""
+        rank = 0 if self.sync is None else self.sync.rank
+        return slice(rank * self.base_batch, (rank + 1) * self.base_batch)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 (the tensor itself alone)."""
+        return tensor if self.sync is None else self.sync.gather(tensor)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank when any rank failed (its own error where it failed).
+
+        A collective: every rank calls it at the same point, so that one rank's failure
+        does not leave the others waiting in the next gather.
+        """
+        if self.sync is None:
+            if error is not None:
+                raise error
+            return
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=self.x_T.device)
+        flags = self.sync.gather(failed)
+        if error is not None:
+            raise error
+        if bool(flags.any()):
+            ranks = [r for r, flag in enumerate(flags.tolist()) if flag]
+            raise RuntimeError(f"sync: the call failed on rank(s) {ranks}; see their errors")
 
     # ---------------------------------------------------------------- draws
     def draw_int(self, low: int, high: int) -> int:
@@ -301,8 +380,13 @@ class EstimationRun:
             for s in range(self.num_steps, 0, -1):
                 coeff = self.coefficients[s]
                 noise = torch.randn(
-                    x_T.shape, generator=noise_gen, device=x_T.device, dtype=x_T.dtype
+                    (self.world_size * b, *x_T.shape[1:]),
+                    generator=noise_gen,
+                    device=x_T.device,
+                    dtype=x_T.dtype,
                 )
+                if self.sync is not None:
+                    noise = noise[self.union_draw_rows()]
                 if s in seeds:
                     outs = []
                     for sign, rows in ((1.0, slice(0, b)), (-1.0, slice(b, 2 * b))):
@@ -380,33 +464,65 @@ class EstimationRun:
             raise ValueError("reward_fn: returned non-finite rewards")
         return reward
 
+    def _set_rewards(self, reward: torch.Tensor) -> None:
+        self.rewards = reward.detach()
+        self.union_rewards = self.gather(self.rewards) if self.sync is not None else self.rewards
+
+    def _on_every_rank(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``; with ``sync``, a failure on any rank raises on every rank."""
+        if self.sync is None:
+            return compute()
+        error = result = None
+        try:
+            result = compute()
+        except Exception as err:  # noqa: BLE001 - re-raised here once the ranks agreed
+            error = err
+        self.agree(error)
+        return result
+
     def rewards_of_samples(self) -> torch.Tensor:
         """Rewards of the stored ``x_0`` (no gradient)."""
-        with torch.no_grad():
-            self.rewards = self._check_reward(self.reward_fn(self.xs[0])).detach()
+
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return self._check_reward(self.reward_fn(self.xs[0]))
+
+        self._set_rewards(self._on_every_rank(compute))
         return self.rewards
 
     def rewards_with_gradient(self, x0: torch.Tensor) -> torch.Tensor:
         """Rewards of a recomputed ``x_0`` that carries a graph; they must carry one too."""
-        reward = self._check_reward(self.reward_fn(x0))
-        if not reward.requires_grad:
-            raise ValueError(
-                "reward_fn: its output has no gradient, but the first-order term needs "
-                "dR/dx_0; use a differentiable reward, or fo_steps=0 with estimator='rlr' "
-                "(or 'ddpo') for a reward without one"
-            )
-        self.rewards = reward.detach()
+
+        def compute() -> torch.Tensor:
+            reward = self._check_reward(self.reward_fn(x0))
+            if not reward.requires_grad:
+                raise ValueError(
+                    "reward_fn: its output has no gradient, but the first-order term needs "
+                    "dR/dx_0; use a differentiable reward, or fo_steps=0 with estimator='rlr' "
+                    "(or 'ddpo') for a reward without one"
+                )
+            return reward
+
+        reward = self._on_every_rank(compute)
+        self._set_rewards(reward)
         return reward
 
     def advantages(self) -> torch.Tensor:
-        """``A_b = R_b - baseline_b`` (leave-one-out, or leave-pair-out for pairs)."""
-        rewards = self.rewards.to(
-            torch.float64 if self.x_T.dtype == torch.float64 else torch.float32
-        )
+        """``A_b = R_b - baseline_b`` (leave-one-out, or leave-pair-out for pairs).
+
+        The other chains are those of every rank (``union_rewards``).
+        """
+        dtype = torch.float64 if self.x_T.dtype == torch.float64 else torch.float32
+        rewards = self.rewards.to(dtype)
         if self.config.baseline == "none":
             return rewards
-        n = rewards.shape[0]
-        total = rewards.sum()
+        if self.sync is None:
+            n = rewards.shape[0]
+            total = rewards.sum()
+        else:
+            union = self.union_rewards.to(dtype)
+            n = union.shape[0]
+            total = union.sum()
         if self.repeats == 2:
             b = self.base_batch
             partner = torch.cat([rewards[b:], rewards[:b]])
@@ -422,7 +538,7 @@ class EstimationRun:
     def zo_coefficient(self) -> float:
         """``mean_pairs(R+ - R-) / (2 sigma_p)``, the scale of the ZO term's ``sum_i u_i``."""
         b = self.base_batch
-        difference = (self.rewards[:b] - self.rewards[b:]).double().mean()
+        difference = self.gather((self.rewards[:b] - self.rewards[b:]).double()).mean()
         coefficient = float(difference) / (2.0 * self.config.sigma_p)
         self.metrics["zo_coefficient"] = coefficient
         return coefficient
@@ -466,6 +582,19 @@ class EstimationRun:
                 for t, o in zip(total, other):
                     t.add_(o)
         return total
+
+
+def _union_term_norm(run: EstimationRun, name: str) -> float:
+    """Norm of term ``name`` averaged over the ranks (this rank's term alone without sync).
+
+    The state of ``window_start="grad_norm"`` is updated with it, so that it stays the
+    same on every rank (and equals one process's on the union).
+    """
+    if run.sync is None or name not in run.staged:
+        return run.term_norm(name)
+    flat = torch.cat([t.reshape(-1).double() for t in run.staged[name]])
+    mean = run.gather(flat[None]).mean(dim=0)
+    return float(torch.linalg.vector_norm(mean))
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -524,7 +653,7 @@ def _rlr(run: EstimationRun) -> None:
     log_prob = run.log_prob(x_exit, start)
     run.add_term("window", -(run.advantages() * log_prob).mean())
     if cfg.window_start == "grad_norm":
-        run.state.update(start, run.term_norm("window"), cfg.window_momentum)
+        run.state.update(start, _union_term_norm(run, "window"), cfg.window_momentum)
     # The rest.
     if cfg.rest == "zo":
         run.add_noise_term("rest", [zo_seeds[s - 1] for s in rest], -run.zo_coefficient())
@@ -583,13 +712,18 @@ def _full(run: EstimationRun) -> None:
 def _alignprop(run: EstimationRun) -> None:
     low, high = run.config.alignprop_steps or (1, run.num_steps)
     noise_seed = run.draw_seeds(1)[0]
-    depth = torch.randint(
-        low, high + 1, (run.base_batch,), generator=run.generator, device=run.generator.device
+    union_depth = torch.randint(
+        low,
+        high + 1,
+        (run.world_size * run.base_batch,),
+        generator=run.generator,
+        device=run.generator.device,
     ).cpu()
+    depth = union_depth[run.union_draw_rows()]
     steps = torch.arange(run.num_steps + 1)
     active = (steps[None, :] <= depth[:, None]).to(run.x_T.device)
-    run.metrics["alignprop_mean_steps"] = float(depth.double().mean())
-    _pathwise_estimator(run, noise_seed, int(depth.max()), active)
+    run.metrics["alignprop_mean_steps"] = float(union_depth.double().mean())
+    _pathwise_estimator(run, noise_seed, int(union_depth.max()), active)
 
 
 # --------------------------------------------------------------------------------------
@@ -695,6 +829,7 @@ def estimate_grad(
     uncond: Conditioning = None,
     parameters: Sequence[torch.Tensor] | None = None,
     state: RLRState | None = None,
+    sync: GradientSync | None = None,
 ) -> dict[str, Any]:
     """Add an estimate of ``d(-mean reward)/d theta`` to ``.grad`` of the trainable parameters.
 
@@ -719,17 +854,66 @@ def estimate_grad(
         parameters: the tensors to train (default: the denoiser's parameters with
             ``requires_grad``; required for a denoiser that is not an ``nn.Module``).
         state: an :class:`RLRState` for ``window_start="grad_norm"``.
+        sync: several processes (a :class:`GradientSync`: ``rank``, ``world_size``,
+            ``gather``): the call estimates what one process would on the union of
+            the ranks' ``x_T`` (rank order), given the same generator state on every
+            rank (module docstring). Average ``.grad`` over the ranks after the call.
     Returns:
         metrics: ``estimator``, ``chains``, ``reward_mean``, ``reward_std``,
         ``window_start`` (rlr), ``grad_norm/<term>`` and ``grad_norm/total``,
         ``model_evaluations`` (samples through the denoiser, recomputation included),
         ``zo_coefficient`` (zo), ``ddpo_steps`` (ddpo), ``alignprop_mean_steps``.
+        With ``sync``, ``chains``, the rewards and ``model_evaluations`` are those of
+        the union (equal on every rank); the ``grad_norm/*`` are this rank's terms.
 
     The call is atomic: invalid input raises ``ValueError``/``TypeError`` naming the
     argument before anything changes; if it fails later (e.g. a reward with NaN), the
     parameters, their ``.grad`` and ``generator`` are as they were. ZO perturbations
     are always undone (exactly with ``zo_restore="copy"``).
     """
+    _check_sync(sync)
+    if sync is None:
+        generator = _check_arguments(config, reward_fn, x_T, generator, state)
+    else:
+        # A rank whose input is bad (a NaN in its x_T, say) tells the others before
+        # anyone draws, so that every rank raises instead of waiting in a gather.
+        x_T = require_tensor("x_T", x_T)
+        generator = _agree_on_input(
+            sync,
+            x_T,
+            lambda: _check_call(
+                denoiser,
+                scheduler,
+                reward_fn,
+                x_T,
+                config,
+                _check_arguments(config, reward_fn, x_T, generator, state),
+                cond,
+                uncond,
+                parameters,
+                state,
+                None,
+            ),
+        )
+    return _estimate(
+        denoiser,
+        scheduler,
+        reward_fn,
+        x_T,
+        config,
+        generator,
+        cond,
+        uncond,
+        parameters,
+        state,
+        sync,
+    )
+
+
+def _check_arguments(
+    config: Any, reward_fn: Any, x_T: Any, generator: Any, state: Any
+) -> torch.Generator:
+    """The checks that need neither the model nor the scheduler; returns the generator."""
     if not isinstance(config, RLRConfig):
         raise TypeError(f"config: expected an RLRConfig, got {type(config).__name__}")
     if not callable(reward_fn):
@@ -746,6 +930,54 @@ def estimate_grad(
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     if state is not None and not isinstance(state, RLRState):
         raise TypeError(f"state: expected an RLRState, got {type(state).__name__}")
+    return generator
+
+
+def _agree_on_input(
+    sync: GradientSync, x_T: torch.Tensor, check: Callable[[], torch.Generator]
+) -> torch.Generator:
+    """Validate on every rank, then agree (one gather): every rank raises if any rank's
+    input fails or the batch sizes differ, before anything is drawn."""
+    error: BaseException | None = None
+    generator = None
+    try:
+        generator = check()
+    except (TypeError, ValueError, RuntimeError) as err:
+        error = err
+    starts = x_T.shape[0] if x_T.dim() > 0 else 0
+    status = torch.tensor([[int(error is not None), starts]], device=x_T.device)
+    gathered = sync.gather(status).cpu()
+    if error is not None:
+        raise error
+    failed = [r for r, flag in enumerate(gathered[:, 0].tolist()) if flag]
+    if failed:
+        raise ValueError(f"sync: the input was rejected on rank(s) {failed}; see their errors")
+    sizes = gathered[:, 1].tolist()
+    if len(set(sizes)) != 1:
+        raise ValueError(f"x_T: every rank must pass the same number of starts, got {sizes}")
+    return generator
+
+
+def _check_call(*args: Any) -> torch.Generator:
+    """The validation of :func:`_estimate` alone (nothing drawn, nothing changed)."""
+    _estimate(*args, validate_only=True)
+    return args[5]
+
+
+def _estimate(
+    denoiser: Callable[..., Any],
+    scheduler: Any,
+    reward_fn: Callable[[torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    config: RLRConfig,
+    generator: torch.Generator,
+    cond: Conditioning,
+    uncond: Conditioning,
+    parameters: Sequence[torch.Tensor] | None,
+    state: RLRState | None,
+    sync: GradientSync | None,
+    validate_only: bool = False,
+) -> dict[str, Any]:
     timesteps = check_scheduler(scheduler)
     num_steps = len(timesteps)
     params = _trainable_parameters(denoiser, parameters)
@@ -777,8 +1009,11 @@ def estimate_grad(
         scheduler=scheduler,
         base_batch=x_T.shape[0],
         repeats=repeats,
+        sync=sync,
     )
     _validate(run)
+    if validate_only:
+        return {}
     generator_state = generator.get_state()
     state_backup = state.state_dict() if state is not None else None
     try:
@@ -794,6 +1029,11 @@ def estimate_grad(
         else {}
     )
     gradient = run.staged_gradient()
+    rewards = run.union_rewards
+    evaluations = model.evaluations
+    if sync is not None:
+        count = torch.tensor([evaluations], dtype=torch.int64, device=x_T.device)
+        evaluations = int(sync.gather(count).sum())
     # Nothing can fail past this point: hand the staged gradient to .grad.
     with torch.no_grad():
         for p, g in zip(params, gradient):
@@ -801,13 +1041,12 @@ def estimate_grad(
                 p.grad = g
             else:
                 p.grad.add_(g)
-    rewards = run.rewards
     metrics = {
         "estimator": config.estimator,
         "chains": int(rewards.shape[0]),
         "reward_mean": float(rewards.double().mean()),
         "reward_std": float(rewards.double().std()) if rewards.shape[0] > 1 else 0.0,
-        "model_evaluations": model.evaluations,
+        "model_evaluations": evaluations,
         "grad_norm/total": _norm(gradient),
     }
     metrics.update(term_norms)
