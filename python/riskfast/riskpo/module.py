@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,7 +121,7 @@ class RiskPOLoss(nn.Module):
         group_size: int | None,
         bundle_ids: Any,
         member_ids: Any,
-    ) -> tuple[AdvantageResult, Any]:
+    ) -> tuple[AdvantageResult, Callable[[], None]]:
         return pending_advantages(
             rewards,
             question_ids,
