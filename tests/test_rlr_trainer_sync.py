@@ -258,14 +258,22 @@ def test_sync_is_validated(model):
 
     with pytest.raises(ValueError, match="^sync: expected 0 <= rank < world_size"):
         estimate_grad(
-            model, rlr_toy.scheduler(), rlr_toy.reward, _union_x_T(),
-            config=RLRConfig(rest="lr"), sync=Bad(),
+            model,
+            rlr_toy.scheduler(),
+            rlr_toy.reward,
+            _union_x_T(),
+            config=RLRConfig(rest="lr"),
+            sync=Bad(),
         )
     Bad.rank, Bad.gather = 0, None
     with pytest.raises(TypeError, match="^sync: expected a gather"):
         estimate_grad(
-            model, rlr_toy.scheduler(), rlr_toy.reward, _union_x_T(),
-            config=RLRConfig(rest="lr"), sync=Bad(),
+            model,
+            rlr_toy.scheduler(),
+            rlr_toy.reward,
+            _union_x_T(),
+            config=RLRConfig(rest="lr"),
+            sync=Bad(),
         )
 
 
@@ -281,7 +289,12 @@ def test_a_single_rank_sync_is_the_plain_call(model):
     reference, _, _ = _one_process(model, config, x_T)
     local = copy.deepcopy(model)
     estimate_grad(
-        local, rlr_toy.scheduler(), rlr_toy.reward, x_T, config=config,
-        generator=torch.Generator().manual_seed(11), sync=Alone(),
+        local,
+        rlr_toy.scheduler(),
+        rlr_toy.reward,
+        x_T,
+        config=config,
+        generator=torch.Generator().manual_seed(11),
+        sync=Alone(),
     )
     assert torch.equal(rlr_toy.flat_grad(local), reference)

@@ -1,0 +1,511 @@
+"""``riskfast.rlr.RLRTrainer`` on tiny diffusers models built from configs (no download).
+
+* a ``StableDiffusionPipeline`` of a tiny ``UNet2DConditionModel`` and VAE, prompt
+  embeddings given directly (no tokenizer, no text encoder): LoRA adapters change,
+  every frozen weight stays bit-equal, the evaluation set's reward is logged and equals
+  an independent recomputation;
+* checkpoint/resume: N steps straight equal N/2, a checkpoint, a fresh trainer and N/2
+  more, bit for bit (weights, optimizer, generator), for RLR with ``grad_norm`` window
+  starts and for DDPO (per-prompt statistics);
+* adapters saved in the diffusers format and loaded back into a fresh pipeline
+  (``StableDiffusionPipeline.load_lora_weights``; ``riskfast.rlr.load_lora_weights``
+  for a ``UNet2DModel``) give the same samples;
+* DDPO's per-prompt normalisation against a hand computation; gradient accumulation
+  against separate ``estimate_grad`` calls; DCoT's window range and conditioning;
+  option checks that name the option and change nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import rlr_toy
+import torch
+
+pytest.importorskip("peft", reason="LoRA needs peft: pip install 'riskfast[diffusion]'")
+
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
+from riskfast.rlr import (
+    DCoT,
+    PerPromptStatTracker,
+    RLRConfig,
+    RLRTrainer,
+    TrainerConfig,
+    estimate_grad,
+    load_lora_weights,
+    sample_chain,
+)
+
+EMBED_DIM = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with rlr_toy.one_thread():
+        yield
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline at toy size: 4 x 8 x 8 latents, 3 x 16 x 16 images."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=EMBED_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+PROMPT_EMBEDS = torch.randn(3, 5, EMBED_DIM, generator=torch.Generator().manual_seed(7))
+
+
+def brightness_reward(images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Differentiable: each prompt wants a different brightness."""
+    target = prompts.to(images.dtype) / 4.0 - 0.25
+    return -(images.mean(dim=(1, 2, 3)) - target).square()
+
+
+def _config(**kwargs) -> TrainerConfig:
+    options = {
+        "rlr": RLRConfig(rest="zo", window=2, sigma_p=1e-2),
+        "max_steps": 3,
+        "batch_size": 2,
+        "num_inference_steps": 5,
+        "learning_rate": 1e-2,
+        "progress": False,
+        "report_to": "none",
+        "cpu": True,
+    }
+    options.update(kwargs)
+    return TrainerConfig(**options)
+
+
+def _trainer(config=None, seed=0, **kwargs) -> RLRTrainer:
+    return RLRTrainer(
+        tiny_pipeline(seed),
+        brightness_reward,
+        config or _config(),
+        prompt_embeds=PROMPT_EMBEDS,
+        **kwargs,
+    )
+
+
+def _named_state(trainer: RLRTrainer) -> dict[str, torch.Tensor]:
+    state = {f"unet.{k}": v.detach().clone() for k, v in trainer.unet.state_dict().items()}
+    state.update({f"vae.{k}": v.detach().clone() for k, v in trainer.vae.state_dict().items()})
+    return state
+
+
+def test_lora_adapters_train_and_frozen_weights_do_not(tmp_path):
+    trainer = _trainer(_config(eval_samples=4, eval_every=2, output_dir=str(tmp_path)))
+    lora_names = {n for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    assert lora_names and all("lora_" in n for n in lora_names)
+    assert all(not p.requires_grad for p in trainer.vae.parameters())
+    before = _named_state(trainer)
+    history = trainer.train()
+    after = _named_state(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"unet.{n}" for n in lora_names}
+    # Every adapter moved: B from its zero start, A through B's gradient (from step 2).
+    assert all(k.split(".", 1)[1] in lora_names for k in changed)
+    train = [r for r in history if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["model_evaluations"] > 0 for r in train)
+    assert train[-1]["total_model_evaluations"] == sum(r["model_evaluations"] for r in train)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(history))
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_evaluation_set_reward_is_logged_and_fixed():
+    trainer = _trainer(_config(eval_samples=4, eval_every=2, max_steps=2))
+    fresh = _trainer(_config(eval_samples=4, eval_every=2, max_steps=2))
+    # An independent recomputation of the first logged value: the eval set's noises,
+    # prompts and step noises are drawn from seed + 1 as documented.
+    generator = torch.Generator().manual_seed(1)
+    x_T = torch.randn((4, 4, 8, 8), generator=generator)
+    indices = torch.randint(0, 3, (4,), generator=generator)
+    noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    pipe = tiny_pipeline()
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(5)
+    chain = sample_chain(
+        pipe.unet,
+        scheduler,
+        x_T,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(noise_seed),
+        cond={"encoder_hidden_states": PROMPT_EMBEDS[indices]},
+    )
+    with torch.no_grad():
+        images = pipe.vae.decode(chain.x0 / pipe.vae.config.scaling_factor).sample
+    expected = brightness_reward(images, indices).double().mean()
+    history = trainer.train()
+    evals = [r for r in history if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval/reward_mean"] == pytest.approx(float(expected), rel=1e-5)
+    assert fresh.evaluate()["eval/reward_mean"] == evals[0]["eval/reward_mean"]
+    assert fresh.evaluate()["eval/reward_mean"] == evals[0]["eval/reward_mean"]
+    assert evals[1]["eval/reward_mean"] != evals[0]["eval/reward_mean"]
+
+
+def _trainable(trainer: RLRTrainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.trainable_parameters]
+
+
+@pytest.mark.parametrize(
+    "rlr",
+    [
+        RLRConfig(rest="zo", window=2, sigma_p=1e-2, window_start="grad_norm"),
+        RLRConfig(estimator="ddpo", ddpo_step_fraction=0.6),
+    ],
+    ids=["rlr-grad_norm", "ddpo"],
+)
+def test_resume_continues_bit_for_bit(tmp_path, rlr):
+    config = _config(
+        rlr=rlr,
+        max_steps=4,
+        ddpo_epochs=2,
+        ddpo_minibatches=2,
+        ddpo_min_count=2,
+        gradient_accumulation_steps=2,
+        output_dir=str(tmp_path / "run"),
+    )
+    straight = _trainer(config)
+    for _ in range(4):
+        straight.training_step()
+    first = _trainer(config)
+    for _ in range(2):
+        first.training_step()
+    checkpoint = first.save_checkpoint()
+    assert checkpoint.name == "checkpoint-2"
+    torch.manual_seed(12345)  # a resumed process's global RNG starts elsewhere
+    resumed = _trainer(config)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.step == 2
+    for _ in range(2):
+        resumed.training_step()
+    for a, b in zip(_trainable(straight), _trainable(resumed)):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+    assert straight.model_evaluations == resumed.model_evaluations
+    assert straight.rlr_state.window_grad_norm == resumed.rlr_state.window_grad_norm
+    assert straight.stat_tracker.state_dict() == resumed.stat_tracker.state_dict()
+    for (_, a), (_, b) in zip(
+        sorted(straight.optimizer.state_dict()["state"].items()),
+        sorted(resumed.optimizer.state_dict()["state"].items()),
+    ):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    if rlr.estimator == "rlr":
+        assert resumed.rlr_state.window_grad_norm  # the state was exercised
+
+
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    first = _trainer(_config(output_dir=str(tmp_path)))
+    first.training_step()
+    path = first.save_checkpoint()
+    other = _trainer(_config(output_dir=str(tmp_path), learning_rate=5e-3))
+    before = _trainable(other)
+    with pytest.raises(
+        ValueError, match=r"^directory: saved with another config \(fields \['learning_rate'\]\)"
+    ):
+        other.load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(before, _trainable(other)))
+
+
+def test_saved_adapters_load_into_a_fresh_pipeline_and_give_the_same_samples(tmp_path):
+    trainer = _trainer(_config(max_steps=2))
+    trainer.train()
+    trainer.save_lora_weights(tmp_path)
+    fresh = tiny_pipeline()
+    fresh.load_lora_weights(str(tmp_path))
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = {"encoder_hidden_states": PROMPT_EMBEDS}
+
+    def samples(unet):
+        return sample_chain(
+            unet, trainer.scheduler, x_T, generator=torch.Generator().manual_seed(4), cond=cond
+        ).x0
+
+    # Both in inference mode: a weight that requires grad takes another GEMM path on the
+    # CPU even under no_grad (results then differ by float32 rounding).
+    trainer.unet.requires_grad_(False)
+    fresh.unet.requires_grad_(False)
+    trained = samples(trainer.unet)
+    assert torch.equal(samples(fresh.unet), trained)
+    assert not torch.equal(samples(tiny_pipeline().unet), trained)
+
+
+def _digit_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=4,
+        attention_head_dim=8,
+    )
+
+
+def _class_reward(images, labels):
+    return -(images.mean(dim=(1, 2, 3)) - labels.to(images.dtype) / 4).square()
+
+
+def test_unet2d_adapters_through_peft_save_and_load(tmp_path):
+    scheduler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
+    trainer = RLRTrainer(
+        _digit_unet(),
+        _class_reward,
+        _config(rlr=RLRConfig(estimator="draft"), max_steps=2),
+        scheduler=scheduler,
+        class_labels=[0, 1, 2, 3],
+    )
+    trainer.train()
+    trainer.save_lora_weights(tmp_path)
+    fresh = _digit_unet()
+    load_lora_weights(fresh, tmp_path)
+    trainer.unet.requires_grad_(False)  # inference mode on both (see the test above)
+    fresh.requires_grad_(False)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 500, 100, 1])
+    labels = torch.arange(4)
+    with torch.no_grad():
+        assert torch.equal(
+            fresh(x, t, class_labels=labels).sample, trainer.unet(x, t, class_labels=labels).sample
+        )
+        assert not torch.equal(
+            _digit_unet()(x, t, class_labels=labels).sample,
+            trainer.unet(x, t, class_labels=labels).sample,
+        )
+
+
+def test_full_finetuning_trains_every_unet_weight():
+    trainer = _trainer(_config(finetune="full", rlr=RLRConfig(estimator="draft"), max_steps=1))
+    before = _named_state(trainer)
+    trainer.train()
+    after = _named_state(trainer)
+    assert not any("lora" in k for k in after)
+    assert all(
+        not torch.equal(before[k], after[k])
+        for k in before
+        if k.startswith("unet.") and "weight" in k and "norm" not in k
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vae."))
+
+
+def test_per_prompt_normalisation_is_ddpos():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0])
+    keys = [0, 0, 0, 1, 1]
+    first = tracker.update(keys, rewards)
+    # Prompt 0 has 3 rewards (>= min_count): its own mean and (population) std.
+    own = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(first[:3], (own - own.mean()) / (own.std(unbiased=False) + 1e-6))
+    # Prompt 1 has 2 < min_count: the batch's statistics.
+    batch = rewards.double()
+    assert torch.allclose(
+        first[3:], (batch[3:] - batch.mean()) / (batch.std(unbiased=False) + 1e-6)
+    )
+    second = tracker.update([0, 0], torch.tensor([5.0, 7.0]))
+    buffer = torch.tensor([2.0, 3.0, 5.0, 7.0], dtype=torch.float64)  # the last 4 of prompt 0
+    assert torch.allclose(
+        second,
+        (torch.tensor([5.0, 7.0]).double() - buffer.mean()) / (buffer.std(unbiased=False) + 1e-6),
+    )
+
+
+def test_gradient_accumulation_averages_the_estimates():
+    config = _config(
+        rlr=RLRConfig(rest="lr", window=2), gradient_accumulation_steps=2, max_grad_norm=None
+    )
+    trainer = _trainer(config)
+    generator = copy.deepcopy(trainer.generator)
+    metrics = trainer.accumulate_gradient()
+    accumulated = [p.grad.clone() for p in trainer.trainable_parameters]
+    reference = _trainer(config)
+    params = reference.trainable_parameters
+    total = [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        x_T = torch.randn((2, 4, 8, 8), generator=generator)
+        indices = torch.randint(0, 3, (2,), generator=generator)
+
+        def reward(x0, indices=indices):
+            decoded = reference.vae.decode(x0 / reference.vae.config.scaling_factor).sample
+            return brightness_reward(decoded, indices.repeat(x0.shape[0] // 2))
+
+        for p in params:
+            p.grad = None
+        estimate_grad(
+            reference.unet,
+            reference.scheduler,
+            reward,
+            x_T,
+            config=config.rlr,
+            generator=generator,
+            cond={"encoder_hidden_states": PROMPT_EMBEDS[indices]},
+            parameters=params,
+        )
+        for t, p in zip(total, params):
+            t.add_(p.grad)
+    for got, want in zip(accumulated, total):
+        torch.testing.assert_close(got, want / 2, rtol=1e-6, atol=1e-9)
+    assert metrics["model_evaluations"] > 0
+
+
+def test_dcot_window_range_and_stage_conditioning():
+    dcot = DCoT(stages=[[3], [10], [10]], window_stage=1)
+    assert dcot.window_range(10, fo_steps=1, window=2) == (4, 6)  # the middle third
+    with pytest.raises(ValueError, match="^window_stage: stage 1 has none of the 10 steps"):
+        DCoT(stages=[[1], [2]], boundaries=[0.95], window_stage=1).window_range(10, 1, 2)
+    # The last stage holds step 1 only, which is the first-order step, not a window start.
+    with pytest.raises(ValueError, match=r"^window_stage: stage 1 \(steps 1..1\) holds no window"):
+        DCoT(stages=[[1], [2]], boundaries=[0.9], window_stage=1).window_range(10, 1, 2)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        """A denoiser that records the class labels of every call."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+            self.config = unet.config
+
+        def forward(self, x, t, class_labels=None):
+            seen.append((int(t[0]), class_labels.tolist()))
+            return self.unet(x, t, class_labels=class_labels)
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=11,
+        attention_head_dim=8,
+    )
+    scheduler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
+    trainer = RLRTrainer(
+        Spy(unet),
+        _class_reward,
+        _config(rlr=RLRConfig(rest="lr", window=2), num_inference_steps=9, batch_size=2),
+        scheduler=scheduler,
+        class_labels=[10],
+        dcot=DCoT(stages=[[3], [10], [10]], window_stage=1),
+    )
+    assert trainer.rlr_config.window_start == (4, 6)
+    metrics = trainer.training_step()
+    assert 4 <= metrics["window_start"] <= 6
+    timesteps = [int(t) for t in trainer.scheduler.timesteps]
+    coarse = set(timesteps[:3])
+    assert {tuple(labels) for t, labels in seen if t in coarse} == {(3, 3)}
+    assert {tuple(labels) for t, labels in seen if t not in coarse} == {(10, 10)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_steps": -1}, "^max_steps:"),
+        ({"batch_size": 0}, "^batch_size:"),
+        ({"mixed_precision": "fp16"}, "^mixed_precision:"),
+        ({"finetune": "half"}, "^finetune:"),
+        ({"report_to": "mlflow"}, "^report_to:"),
+        ({"ddpo_clip_range": 0.0}, "^ddpo_clip_range:"),
+        ({"rlr": "rlr"}, "^rlr:"),
+        ({"lora_target_modules": "to_q"}, "^lora_target_modules:"),
+        (
+            {"rlr": RLRConfig(estimator="ddpo"), "batch_size": 1, "ddpo_minibatches": 2},
+            "^ddpo_minibatches:",
+        ),
+    ],
+)
+def test_config_options_are_validated(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _config(**kwargs)
+
+
+def test_bad_trainer_arguments_raise_before_anything_changes():
+    pipe = tiny_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cases = [
+        ({"prompt_embeds": PROMPT_EMBEDS, "class_labels": [1]}, "^class_labels: give one of"),
+        (
+            {"prompt_embeds": PROMPT_EMBEDS, "config": _config(lora_target_modules=("nope",))},
+            "^lora_target_modules: none of",
+        ),
+        ({"prompts": ["a cat"]}, "^prompts: strings need a pipeline with encode_prompt"),
+        (
+            {"prompt_embeds": PROMPT_EMBEDS, "config": _config(rlr=RLRConfig(guidance_scale=3.0))},
+            "^negative_prompt_embeds:",
+        ),
+    ]
+    for kwargs, message in cases:
+        config = kwargs.pop("config", _config())
+        model = pipe if "prompts" not in kwargs else pipe.unet
+        with pytest.raises(ValueError, match=message):
+            RLRTrainer(model, brightness_reward, config, scheduler=pipe.scheduler, **kwargs)
+    with pytest.raises(ValueError, match="^scheduler: required"):
+        RLRTrainer(pipe.unet, brightness_reward, _config())
+    with pytest.raises(TypeError, match="^model:"):
+        RLRTrainer(object(), brightness_reward, _config())
+    assert not getattr(pipe.unet, "peft_config", None)
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_budget_of_model_evaluations_stops_training():
+    trainer = _trainer(
+        _config(max_steps=100, max_model_evaluations=100, rlr=RLRConfig(estimator="draft"))
+    )
+    history = trainer.train()
+    steps = [r for r in history if r["kind"] == "train"]
+    assert trainer.model_evaluations >= 100
+    assert trainer.model_evaluations - steps[-1]["model_evaluations"] < 100
+    assert math.isfinite(steps[-1]["reward_mean"])
