@@ -922,7 +922,8 @@ class RLRTrainer:
     def evaluate(self) -> dict[str, Any]:
         """Reward (and ``eval_metrics``) of the fixed evaluation set, all processes.
 
-        Returns ``eval/reward_mean``, ``eval/reward_std`` and ``eval/<name>`` means, and
+        Returns ``eval/reward_mean``, ``eval/reward_std``, ``eval/<name>`` and
+        ``eval/<name>_std`` (mean and std over the set of each ``eval_metrics`` entry), and
         ``images`` (``[E, C, H, W]``, on every rank) for the caller to keep.
         """
         if self._eval_set is None:
@@ -938,7 +939,8 @@ class RLRTrainer:
         }
         for name, fn in self.eval_metrics.items():
             values = self._gather(torch.as_tensor(fn(images, prompts)).reshape(-1).double())
-            out[f"eval/{name}"] = float(values.to(self.device).mean())
+            out[f"eval/{name}"] = float(values.mean())
+            out[f"eval/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
         out["images"] = self._gather(images.contiguous())
         return out
 
