@@ -15,6 +15,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rlr_demo(args: argparse.Namespace) -> int:
+    from .demo.rlr_demo import run_rlr_demo
+
+    run_rlr_demo(args)
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from .demo import run_synthetic_demo
 
@@ -45,15 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="train GRPO and RiskPO on a built-in verifiable task and compare them",
-        description="Warm-start a tiny causal LM on reversed-digit addition, then train it by "
-        "RL with GRPO and with RiskPO from the same start and seeds (through TRL); writes "
-        "metrics.jsonl, summary.json and report.png. Needs the [demo] extra (TRL).",
+        help="the demos: GRPO vs RiskPO (default), or 'demo rlr': RLR vs DDPO, AlignProp "
+        "and DRaFT",
+        description="Two demos, each trained for real from the same start and seeds, writing "
+        "metrics.jsonl, summary.json and report.png. 'riskfast demo [options]': warm-start a "
+        "tiny causal LM on reversed-digit addition, then train it by RL with GRPO and with "
+        "RiskPO (through TRL; needs the [demo] extra); the options below are its own. "
+        "'riskfast demo rlr [options]': steer a tiny digit diffusion model (pretrained on "
+        "scikit-learn's digits) to a target digit with RLR, DDPO, AlignProp and DRaFT at an "
+        "equal budget of model evaluations (needs the [diffusion] extra); 'riskfast demo rlr "
+        "--help' lists its options.",
     )
     from .demo.train import add_train_arguments
 
     add_train_arguments(demo)
     demo.set_defaults(run=_train)
+    demos = demo.add_subparsers(dest="demo", metavar="{rlr}", title="other demo")
+    rlr = demos.add_parser(
+        "rlr",
+        help="RLR vs DDPO, AlignProp and DRaFT on a digit diffusion model (riskfast demo rlr "
+        "--help)",
+        description="Pretrain (or load from the cache) a tiny class-conditional UNet2DModel "
+        "and a classifier on scikit-learn's 8x8 digits, then train LoRA adapters with RLR, "
+        "DDPO, AlignProp and DRaFT from the same start, seeds and budget of denoiser "
+        "evaluations so that unconditional samples become a target digit (reward: the "
+        "classifier's log-probability of it); writes metrics.jsonl, summary.json and "
+        "report.png. Needs the [diffusion] extra.",
+    )
+    from .demo.rlr_demo import add_rlr_demo_arguments
+
+    add_rlr_demo_arguments(rlr)
+    rlr.set_defaults(run=_rlr_demo)
     _add_explain(commands)
     info = commands.add_parser("info", help="versions and how the extension was built")
     info.set_defaults(run=_info)
