@@ -461,3 +461,30 @@ def test_zeroth_order_only_takes_a_reward_without_gradient(model):
     assert metrics["chains"] == 32 and torch.isfinite(grad).all()
     assert metrics["grad_norm/zo"] == pytest.approx(float(grad.norm()), rel=1e-12)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+def test_full_with_a_ddpm_scheduler_equals_plain_autograd(model):
+    """DDPM's posterior mean (Ho et al., eq. 7), written here, on the same noises."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(timestep_spacing="trailing", clip_sample=False)
+    scheduler.set_timesteps(6)
+    x_T = _x_T()
+    ours, _ = _grad(model, RLRConfig(estimator="full"), x_T, scheduler=scheduler)
+    first = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(1))
+    noise_gen = torch.Generator().manual_seed(int(first))
+    alphas = scheduler.alphas_cumprod.double()
+    timesteps = scheduler.timesteps.tolist()
+    x = x_T
+    for k, t in enumerate(timesteps):
+        a = alphas[t]
+        a_prev = alphas[timesteps[k + 1]] if k + 1 < len(timesteps) else torch.tensor(1.0)
+        beta = 1 - a / a_prev
+        eps = model(x, torch.full((x.shape[0],), t))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        mean = a_prev.sqrt() * beta / (1 - a) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * x
+        sigma = ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20).sqrt()
+        x = mean + sigma * torch.randn(x.shape, generator=noise_gen, dtype=x.dtype)
+    model.zero_grad(set_to_none=True)
+    (-rlr_toy.reward(x).mean()).backward()
+    torch.testing.assert_close(ours, rlr_toy.flat_grad(model), rtol=1e-10, atol=1e-12)
