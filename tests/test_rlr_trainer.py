@@ -486,6 +486,22 @@ def test_bad_trainer_arguments_raise_before_anything_changes():
             "^negative_prompt_embeds:",
         ),
     ]
+    cases.append(
+        (
+            {"prompt_embeds": PROMPT_EMBEDS, "dcot": DCoT(stages=[PROMPT_EMBEDS[:2]] * 3)},
+            "^dcot: stage 0 has 2 prompts, the pool 3",
+        )
+    )
+    cases.append(
+        (
+            {
+                "prompt_embeds": PROMPT_EMBEDS,
+                "dcot": DCoT(stages=[PROMPT_EMBEDS] * 3, window_stage=0),
+                "config": _config(rlr=RLRConfig(estimator="draft")),
+            },
+            "^dcot: window_stage applies to estimator='rlr'",
+        )
+    )
     for kwargs, message in cases:
         config = kwargs.pop("config", _config())
         model = pipe if "prompts" not in kwargs else pipe.unet

@@ -46,6 +46,8 @@ from .rlr_digits import (
     DigitClassifier,
     DigitSetup,
     build_unet,
+    load_digit_images,
+    nearest_data_distance,
     pairwise_diversity,
     pretrained,
     target_hit,
@@ -81,6 +83,8 @@ SUMMARY_METHOD_FIELDS = (
     "reward_per_model_evaluation",
     "diversity_initial",
     "diversity_final",
+    "data_distance_initial",
+    "data_distance_final",
     "peak_memory_mib",
     "model_evaluations",
     "steps",
@@ -92,7 +96,8 @@ SUMMARY_METHOD_FIELDS = (
 evaluation samples, averaged over seeds; ``per_seed`` holds each seed's values).
 ``reward_auc``: the mean evaluation reward over the evaluation points after the start
 (the area under the reward curve per unit of budget: how fast the reward rose), the
-criterion of the learning-rate grid."""
+criterion of the learning-rate grid. ``data_distance_*``: the mean L2 distance from each
+evaluation sample to its nearest real digit (how far the samples left the data)."""
 
 QUICK = {
     "budget": 2000,
@@ -347,6 +352,7 @@ def _run_method(
     from riskfast.rlr import DCoT, RLRTrainer
 
     device = accelerator.device
+    data = load_digit_images()[0]
     unet = build_unet(args.setup.block_out_channels)
     unet.load_state_dict(weights)
     target = args.target
@@ -391,6 +397,7 @@ def _run_method(
             "reward_std": result["eval/log_prob_std"],
             "hit_rate": result["eval/hit"],
             "diversity": pairwise_diversity(images),
+            "data_distance": nearest_data_distance(images, data),
             "elapsed_seconds": time.perf_counter() - started,
         }
         writer(record)
@@ -441,6 +448,8 @@ def _run_method(
         "reward_per_model_evaluation": (last["reward_mean"] - first["reward_mean"]) / spent,
         "diversity_initial": first["diversity"],
         "diversity_final": last["diversity"],
+        "data_distance_initial": first["data_distance"],
+        "data_distance_final": last["data_distance"],
         "peak_memory_mib": memory.mib,
         "model_evaluations": spent,
         "steps": trainer.step,
@@ -520,7 +529,7 @@ def _plot(path: Path, metrics_path: Path, summary: dict[str, Any], images: dict[
     def tile(batch: torch.Tensor, count: int = 16) -> Any:
         batch = batch[:count].clamp(-1, 1)
         side = math.ceil(math.sqrt(batch.shape[0]))
-        canvas = torch.ones(side * 9 - 1, side * 9 - 1)
+        canvas = -torch.ones(side * 9 - 1, side * 9 - 1)  # white gaps (gray_r)
         for i, image in enumerate(batch):
             r, c = divmod(i, side)
             canvas[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = image[0]
@@ -555,7 +564,8 @@ def format_table(summary: dict[str, Any]) -> str:
 
     head = (
         f"{'method':<12}{'lr':>7}{'steps':>7}{'log p(target) start->end':>27}{'':>8}"
-        f"{'auc':>8}{'hit start->end':>16}{'':>6}{'diversity':>15}{'peak MiB':>9}{'s':>6}"
+        f"{'auc':>8}{'hit start->end':>16}{'':>6}{'diversity':>15}{'to data':>15}"
+        f"{'peak MiB':>9}{'s':>6}"
     )
     lines = [head, "-" * len(head)]
     for method, row in summary["methods"].items():
@@ -567,6 +577,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{row['initial_hit_rate']:>8.2f} -> {row['final_hit_rate']:>4.2f}"
             f"{spread(row['final_hit_rate_seed_std'], 2):>6}"
             f"{row['diversity_initial']:>7.2f} -> {row['diversity_final']:>4.2f}"
+            f"{row['data_distance_initial']:>7.2f} -> {row['data_distance_final']:>4.2f}"
             f"{'' if memory is None else f'{memory:.0f}':>9}{row['seconds']:>6.0f}"
         )
     config = summary["config"]
@@ -577,8 +588,8 @@ def format_table(summary: dict[str, Any]) -> str:
         f"method and seed; {config['batch_size']} starts per estimate, T = {config['steps']}, "
         f"LoRA r = 4; rlr rest={config['rest']}, {fo}, h = 2; seeds {config['seeds']}. "
         f"Evaluated on {config['eval_samples']} fixed samples: log p(target), hit (top class is "
-        "the target), diversity (mean pairwise L2); auc: mean log p(target) over the "
-        "evaluation points; +-: std over seeds."
+        "the target), diversity (mean pairwise L2), to data (mean L2 to the nearest real "
+        "digit); auc: mean log p(target) over the evaluation points; +-: std over seeds."
     )
     return "\n".join(lines)
 

@@ -228,3 +228,14 @@ def pairwise_diversity(images: torch.Tensor) -> float:
         return 0.0
     distances = torch.cdist(flat, flat)
     return float(distances.sum() / (n * (n - 1)))
+
+
+def nearest_data_distance(images: torch.Tensor, data: torch.Tensor) -> float:
+    """Mean L2 distance from each sample to its nearest real digit (any class).
+
+    How far the samples sit from the data: a sample that pleases the classifier without
+    looking like a handwritten digit (a faint or blotchy image) is far from all of them.
+    """
+    flat = images.reshape(images.shape[0], -1).double().cpu()
+    reference = data.reshape(data.shape[0], -1).double()
+    return float(torch.cdist(flat, reference).min(dim=1).values.mean())

@@ -429,6 +429,7 @@ class RLRTrainer:
                 )
 
         self.config = config
+        self.dcot = dcot
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
         self.device = self.accelerator.device
         self.is_main = bool(self.accelerator.is_main_process)
@@ -440,9 +441,29 @@ class RLRTrainer:
                 f"eval_samples: {config.eval_samples} is not a multiple of the "
                 f"{self.world_size} processes"
             )
+        # The prompts (encoded once), DCoT's stages and the estimator's config: checked
+        # before the model changes.
+        self.pipeline = None if isinstance(model, torch.nn.Module) else model
+        self.prompt_kind = kind
+        self.prompt_texts = list(prompts) if kind == "prompts" else None
+        self.pool, self.pool_size = self._prompt_pool(kind, prompts, prompt_embeds, class_labels)
+        self.uncond = self._uncond(kind, negative_prompt_embeds, uncond_class_label)
+        self.stage_pools = None
+        if dcot is not None:
+            if kind is None:
+                raise ValueError("dcot: needs prompts, prompt_embeds or class_labels")
+            self.stage_pools = [
+                self._prompt_pool(kind, *self._as_kind(kind, pool))[0] for pool in dcot.stages
+            ]
+            for index, pool in enumerate(self.stage_pools):
+                if _pool_length(pool) != self.pool_size:
+                    raise ValueError(
+                        f"dcot: stage {index} has {_pool_length(pool)} prompts, the pool "
+                        f"{self.pool_size}"
+                    )
+        self.rlr_config = self._estimator_config()
 
         torch.manual_seed(config.seed)  # the adapters' initialisation
-        self.pipeline = None if isinstance(model, torch.nn.Module) else model
         self.unet = unet.to(self.device)
         self.scheduler = scheduler
         self.vae = vae
@@ -462,30 +483,10 @@ class RLRTrainer:
             )
         else:
             unet.requires_grad_(True)
-            self.trainable_parameters = [p for p in unet.parameters()]
+            self.trainable_parameters = list(unet.parameters())
         self.unet.to(self.device)
         self.reward_fn = reward_fn
         self.eval_metrics = eval_metrics
-        self.prompt_kind = kind
-        self.prompt_texts = list(prompts) if kind == "prompts" else None
-        self.pool, self.pool_size = self._prompt_pool(kind, prompts, prompt_embeds, class_labels)
-        self.uncond = self._uncond(kind, negative_prompt_embeds, uncond_class_label)
-        self.dcot = dcot
-        self.stage_pools = (
-            [self._prompt_pool(kind, *self._as_kind(kind, pool))[0] for pool in dcot.stages]
-            if dcot is not None
-            else None
-        )
-        if dcot is not None:
-            if kind is None:
-                raise ValueError("dcot: needs prompts, prompt_embeds or class_labels")
-            for index, pool in enumerate(self.stage_pools):
-                if _pool_length(pool) != self.pool_size:
-                    raise ValueError(
-                        f"dcot: stage {index} has {_pool_length(pool)} prompts, the pool "
-                        f"{self.pool_size}"
-                    )
-        self.rlr_config = self._estimator_config()
         self.rlr_state = RLRState()
         self.stat_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
         self.optimizer = torch.optim.AdamW(
@@ -963,7 +964,10 @@ class RLRTrainer:
                 if self.step % cfg.log_every == 0:
                     self._log({"kind": "train", **metrics}, callback)
                 if progress is not None:
-                    progress.update(1)
+                    if self.config.max_model_evaluations is None:
+                        progress.update(1)
+                    else:
+                        progress.update(min(self.model_evaluations, progress.total) - progress.n)
                     progress.set_postfix(
                         reward=f"{metrics['reward_mean']:.3f}",
                         evals=self.model_evaluations,
@@ -1005,6 +1009,16 @@ class RLRTrainer:
             return None
         from tqdm.auto import tqdm
 
+        budget = self.config.max_model_evaluations
+        if budget is not None:  # the budget, not max_steps, ends such a run: count evaluations
+            return tqdm(
+                total=budget,
+                initial=min(self.model_evaluations, budget),
+                desc=f"riskfast {self.config.rlr.estimator}",
+                unit="eval",
+                unit_scale=True,
+                dynamic_ncols=True,
+            )
         return tqdm(
             total=self.config.max_steps,
             initial=self.step,
