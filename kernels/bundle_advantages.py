@@ -11,8 +11,8 @@ for the bundle's ``k``-th question (-1 for the empty slots of a smaller bundle).
 program gathers the rewards ``[K, G]``, sums them into member scores ``S[G]``, sorts the
 scores for the linear-interpolation quantiles (``torch.quantile``'s definition), applies
 the estimator, the std normalisation, the all-equal rule, centring and the drop mask,
-and scatters each member's advantage to its responses (distinct addresses: no atomics,
-deterministic). Mean-based estimators use the same kernel with ``K = 1``: a "bundle" is
+and scatters each member's advantage to its responses, shared by the credit mode
+(distinct addresses: no atomics, deterministic). Mean-based estimators use the same kernel with ``K = 1``: a "bundle" is
 one question and the estimator reads the row of its rewards.
 
 This module imports nothing of riskfast.
@@ -25,6 +25,15 @@ import triton.language as tl
 
 MAX_MEMBERS = 64
 """Largest G handled in one program; riskfast falls back to PyTorch above it."""
+
+# Credit codes (constexpr): how a member's advantage is shared among its responses.
+CREDIT_UNIFORM, CREDIT_STD, CREDIT_SCORE, CREDIT_SUM_MEAN = range(4)
+CREDIT_CODES = {
+    "uniform": CREDIT_UNIFORM,
+    "std": CREDIT_STD,
+    "score": CREDIT_SCORE,
+    "sum_mean": CREDIT_SUM_MEAN,
+}
 
 # Estimator codes (constexpr): risk family, then mean family.
 MVAR_PAPER, MVAR_REFERENCE, RVAR, CVAR, UPPER, GRPO, DR_GRPO, RLOO = range(8)
@@ -98,7 +107,7 @@ def bundle_advantages_kernel(
     SCORE_MEAN: tl.constexpr,
     NORMALIZE: tl.constexpr,
     CENTER: tl.constexpr,
-    CREDIT_STD: tl.constexpr,
+    CREDIT: tl.constexpr,
     USE_TRACKER: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -150,8 +159,9 @@ def bundle_advantages_kernel(
     range_var = (above_a - above_b + natural_c * (q_alpha - q_beta)) / (beta - alpha)
     if ESTIMATOR == 0:  # Mixed-VaR, paper form: -(1 + omega)(a - z)+ + g(z, a, b)
         values = -(1.0 + omega) * below_a + (above_a - above_b + (q_alpha - q_beta))
-    elif ESTIMATOR == 1:  # Mixed-VaR, reference code: (w A_cv + A_rv) / (w + 1)
-        values = (w_mix * (-below_a / alpha) + range_var) / (w_mix + 1.0)
+    elif ESTIMATOR == 1:  # Mixed-VaR, reference code: (w A_cv + A_rv) / (w + 1), levels + 1e-6
+        official_rv = (above_a - above_b + natural_c * (q_alpha - q_beta)) / (beta - alpha + 1e-6)
+        values = (w_mix * (-below_a / (alpha + 1e-6)) + official_rv) / (w_mix + 1.0)
     elif ESTIMATOR == 2:  # RVaR
         values = range_var
     elif ESTIMATOR == 3:  # CVaR of the lower tail
@@ -186,14 +196,31 @@ def bundle_advantages_kernel(
     tl.store(quantiles_ptr + bundle * 2 + 1, q_beta)
     tl.store(member_advantages_ptr + bundle * G + offs_g, values, mask=in_g)
 
+    # Credit (spec 3): each response's share of its member's advantage.
     per_response = tl.broadcast_to(values[None, :], (BLOCK_K, BLOCK_G))
-    if CREDIT_STD:
-        # Divide by each question's own reward std (1 below 1e-3 or for G = 1).
+    if CREDIT == 1:
+        # std: divide by each question's own reward std + 1e-6 (the std is 1 when at most
+        # 1e-3, or for G = 1).
         row_mean = tl.sum(rewards, axis=1) / g_float
         row_dev = tl.where(valid, rewards - row_mean[:, None], 0.0)
         row_std = _std_of_deviations(row_dev, g_denominator, 1)
-        row_scale = tl.where((row_std >= 1e-3) & (row_std < float("inf")), row_std, 1.0)
-        per_response = per_response / row_scale[:, None]
+        row_scale = tl.where((row_std > 1e-3) & (row_std < float("inf")), row_std, 1.0)
+        per_response = per_response / (row_scale[:, None] + 1e-6)
+    elif CREDIT == 2:
+        # score: half the advantage to a rewarded response, 1.5 times it otherwise.
+        per_response = per_response * tl.where(rewards > 0, 0.5, 1.5)
+    elif CREDIT == 3:
+        # sum_mean: A_j rho_i / Sigma_j, rho_i = r_i - mean_q(r), Sigma_j = sum of the
+        # member's rho; A_j / B_b each when |Sigma_j| <= 1e-6.
+        row_mean = tl.sum(rewards, axis=1) / g_float
+        rho = tl.where(valid, rewards - row_mean[:, None], 0.0)
+        sigma = tl.sum(rho, axis=0)
+        spread = tl.abs(sigma) > 1e-6
+        bundle_questions = tl.sum((tl.max(valid.to(tl.int32), axis=1) > 0).to(tl.float32), axis=0)
+        ratio = rho / tl.where(spread, sigma, 1.0)[None, :]
+        per_response = tl.where(
+            spread[None, :], per_response * ratio, per_response / tl.maximum(bundle_questions, 1.0)
+        )
     tl.store(advantages_ptr + tl.where(valid, index, 0), per_response, mask=valid)
 
 
@@ -217,7 +244,7 @@ def launch_bundle_advantages(
     score_mean: bool,
     normalize: bool,
     center: bool,
-    credit_std: bool,
+    credit_code: int,
     use_tracker: bool,
 ) -> None:
     """Launch one program per bundle; all tensors are preallocated by the caller.
@@ -252,7 +279,7 @@ def launch_bundle_advantages(
         SCORE_MEAN=score_mean,
         NORMALIZE=normalize,
         CENTER=center,
-        CREDIT_STD=credit_std,
+        CREDIT=credit_code,
         USE_TRACKER=use_tracker,
         BLOCK_K=max(triton.next_power_of_2(k), 2),
         BLOCK_G=max(triton.next_power_of_2(g), 2),

@@ -34,6 +34,9 @@ OPTION_CASES = [
     {"normalize": False},
     {"center": True},
     {"credit": "std"},
+    {"credit": "score"},
+    {"credit": "sum_mean"},
+    {"credit": "sum_mean", "center": True, "bundle_size": 2},
     {"score": "mean", "drop_last": True},
 ]
 
@@ -79,7 +82,7 @@ def _compare(rewards, question_ids, **options) -> None:
 )
 def test_kernel_matches_torch_path_for_every_risk_estimator(risk, extra) -> None:
     rewards, question_ids = _rollout(questions=7, group=5, seed=1, continuous=True)
-    _compare(rewards, question_ids, bundle_size=3, **risk, **extra)
+    _compare(rewards, question_ids, **{"bundle_size": 3, **risk, **extra})
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
@@ -134,13 +137,15 @@ def test_kernel_uses_and_updates_the_tracker_like_the_torch_path() -> None:
         torch.testing.assert_close(trackers["triton"].values, trackers["torch"].values)
 
 
-def test_kernel_matches_the_float64_oracle_on_the_same_bundling() -> None:
-    rewards, question_ids = _rollout(questions=5, group=4, seed=6, continuous=True)
+@pytest.mark.parametrize("credit", ["uniform", "std", "score", "sum_mean"])
+def test_kernel_matches_the_float64_oracle_on_the_same_bundling(credit: str) -> None:
+    rewards, question_ids = _rollout(questions=5, group=4, seed=6, continuous=credit != "score")
     out = advantages(
         rewards,
         question_ids,
         bundle_size=2,
         backend="triton",
+        credit=credit,
         generator=torch.Generator().manual_seed(0),
     )
     ref = oracle_advantages(
@@ -158,7 +163,7 @@ def test_kernel_matches_the_float64_oracle_on_the_same_bundling() -> None:
         w_upper=1.5,
         normalize=True,
         center=False,
-        credit="uniform",
+        credit=credit,
         score="sum",
     )
     ref = torch.tensor(ref, dtype=torch.float64)

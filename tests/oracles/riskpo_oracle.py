@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 RISK_ESTIMATORS = ("mvar", "rvar", "cvar", "upper")
 MEAN_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 STD_EPS = 1e-6
+LEVEL_EPS = 1e-6
 CREDIT_STD_FLOOR = 1e-3
+CREDIT_SUM_FLOOR = 1e-6
+CREDITS = ("uniform", "std", "score", "sum_mean")
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -240,12 +243,15 @@ def risk_weight(
     c = 1.0 if natural_baseline else 0.0
     if estimator == "mvar" and form == "paper":
         return -(1.0 + omega) * positive_part(a - z) + g, 2.0 + omega
-    width = beta - alpha
-    if estimator == "cvar" or (estimator == "mvar" and form == "reference_code"):
-        a_cv = -positive_part(a - z) / alpha
+    official = estimator == "mvar" and form == "reference_code"
+    # The reference code's form divides by the official, eps-padded level widths.
+    width = beta - alpha + (LEVEL_EPS if official else 0.0)
+    lower_width = alpha + (LEVEL_EPS if official else 0.0)
+    if estimator == "cvar" or official:
+        a_cv = -positive_part(a - z) / lower_width
     else:
         a_cv = 0.0
-    if estimator in ("rvar", "upper") or (estimator == "mvar" and form == "reference_code"):
+    if estimator in ("rvar", "upper") or official:
         a_rv = (positive_part(z - a) - positive_part(z - b) + c * (a - b)) / width
     else:
         a_rv = 0.0
@@ -324,7 +330,8 @@ def oracle_advantages_detailed(
     """RiskPO advantages for an explicit bundling (spec section 3, contract order).
 
     Order: estimator -> normalize -> zero all-equal bundles -> center ->
-    drop_last -> credit. ``quantiles`` overrides the empirical per-bundle
+    drop_last -> credit (``"uniform"``, ``"std"``, ``"score"`` or ``"sum_mean"``, spec
+    section 3). ``quantiles`` overrides the empirical per-bundle
     quantiles (one ``(q_alpha, q_beta)`` pair for every bundle, or a mapping from
     bundle label to pair; tracker mode). ``dropped_bundles`` lists bundle labels
     whose responses get advantage 0 (drop_last). ``scale`` gives, per response,
@@ -386,21 +393,43 @@ def oracle_advantages_detailed(
             weights = [0.0] * len(s)
         member_advantage[label] = weights
     dropped = {int(d) for d in dropped_bundles}
+    if credit not in CREDITS:
+        raise ValueError(f"unknown credit {credit!r}")
     for label, questions in bundle_questions.items():
         bundle_forced = all_equal(scores[label]) or label in dropped
+        # rho_i = r_i - mean of its question's rewards; Sigma_j sums rho over member j.
+        question_mean = {q: mean([rewards[n] for n in groups[q]]) for q in questions}
+        sigma = [0.0] * len(scores[label])
+        for q in questions:
+            for n in groups[q]:
+                sigma[int(member_ids[n])] += rewards[n] - question_mean[q]
         for q in questions:
             divisor = 1.0
             if credit == "std":
                 values = [rewards[n] for n in groups[q]]
                 s_q = unbiased_std(values)
-                if len(values) > 1 and s_q >= CREDIT_STD_FLOOR:
-                    divisor = s_q
-            elif credit != "uniform":
-                raise ValueError(f"unknown credit {credit!r}")
+                if len(values) < 2 or not s_q > CREDIT_STD_FLOOR:
+                    s_q = 1.0
+                divisor = s_q + STD_EPS
             for n in groups[q]:
-                out[n] = member_advantage[label][int(member_ids[n])] / divisor
+                member = int(member_ids[n])
+                member_value = member_advantage[label][member]
+                factor = 1.0 / divisor
+                reach = factor  # how much float32 rounding of the inputs the factor amplifies
+                if credit == "score":
+                    factor = reach = 0.5 if rewards[n] > 0.0 else 1.5
+                elif credit == "sum_mean":
+                    if abs(sigma[member]) > CREDIT_SUM_FLOOR:
+                        factor = (rewards[n] - question_mean[q]) / sigma[member]
+                        magnitude = max(abs(rewards[m]) for p in questions for m in groups[p])
+                        reach = max(
+                            1.0, abs(factor) + 2.0 * magnitude * len(questions) / abs(sigma[member])
+                        )
+                    else:
+                        factor = reach = 1.0 / len(questions)
+                out[n] = member_value * factor
                 forced[n] = bundle_forced
-                scale[n] = bundle_scale[label] / divisor
+                scale[n] = bundle_scale[label] * reach
     return OracleAdvantages(
         advantages=out,
         scores=scores,

@@ -223,7 +223,12 @@ class RiskPOConfig(GRPOConfig):
     center: bool = field(
         default=False, metadata=_risk_help("Subtract each bundle's mean advantage.")
     )
-    credit: str = field(default="uniform", metadata=_risk_help("'uniform' or 'std'."))
+    credit: str = field(
+        default="uniform",
+        metadata=_risk_help(
+            "Credit mode: 'uniform', 'std', 'score' or 'sum_mean' (spec section 3)."
+        ),
+    )
     score: str = field(default="sum", metadata=_risk_help("Member score: 'sum' or 'mean'."))
     quantile_mode: str = field(
         default="empirical", metadata=_risk_help("'empirical' per bundle or run-wide 'tracker'.")

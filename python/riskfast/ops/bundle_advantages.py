@@ -34,7 +34,8 @@ def bundle_advantages(
     score_mean: bool,
     normalize: bool,
     center: bool,
-    credit_std: bool,
+    credit: str = "uniform",
+    credit_std: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Member scores, quantiles and advantages of every bundle in one kernel launch.
 
@@ -45,6 +46,8 @@ def bundle_advantages(
         kept: ``[nb]`` bool, False for a dropped bundle (advantage 0).
         tracked_quantiles: ``[2]`` float32 tracker values, or None for the empirical
             per-bundle quantiles.
+        credit: ``"uniform"``, ``"std"``, ``"score"`` or ``"sum_mean"`` (spec section 3).
+        credit_std: the older spelling of ``credit="std"`` (True overrides ``credit``).
         The remaining keywords are those of ``riskfast.riskpo.advantages``.
 
     Returns:
@@ -56,6 +59,10 @@ def bundle_advantages(
     key = (estimator, form if estimator == "mvar" else None)
     if key not in kernel.ESTIMATOR_CODES:
         raise ValueError(f"estimator: the kernel does not implement {estimator!r}")
+    if credit_std:
+        credit = "std"
+    if credit not in kernel.CREDIT_CODES:
+        raise ValueError(f"credit: must be one of {sorted(kernel.CREDIT_CODES)}, got {credit!r}")
     nb, _, g = member_response.shape
     device = rewards.device
     rewards = rewards.float().contiguous()
@@ -88,7 +95,7 @@ def bundle_advantages(
         score_mean=score_mean,
         normalize=normalize,
         center=center,
-        credit_std=credit_std,
+        credit_code=kernel.CREDIT_CODES[credit],
         use_tracker=tracked_quantiles is not None,
     )
     return scores, quantiles, member_advantages, advantages

@@ -25,6 +25,9 @@ from .quantiles import unbiased_std
 
 GROUP_EPS = 1e-6
 """Added to a standard deviation before dividing by it (spec: ``std + 1e-6``)."""
+LEVEL_EPS = 1e-6
+"""Added to the level widths ``beta - alpha`` and ``alpha`` that ``form="reference_code"``
+divides by, as the official code does (spec section 3)."""
 
 
 @dataclass(frozen=True)
@@ -108,18 +111,21 @@ def truncation_g(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 
 def range_var_advantage(
-    z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params: RiskParams
+    z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params: RiskParams, eps: float = 0.0
 ) -> torch.Tensor:
-    """``A_rv = ((z - a)+ - (z - b)+ + c (a - b)) / (beta - alpha)``, ``c = 1`` with the natural baseline."""
+    """``A_rv = ((z - a)+ - (z - b)+ + c (a - b)) / (beta - alpha + eps)``, ``c = 1`` with the
+    natural baseline (``eps = 1e-6`` in the reference code's form, 0 otherwise)."""
     c = 1.0 if params.natural_baseline else 0.0
     return (positive_part(z - a) - positive_part(z - b) + c * (a - b)) / (
-        params.beta - params.alpha
+        params.beta - params.alpha + eps
     )
 
 
-def lower_tail_advantage(z: torch.Tensor, a: torch.Tensor, params: RiskParams) -> torch.Tensor:
-    """``A_cv = -(a - z)+ / alpha``, the CVaR_alpha likelihood-ratio weight."""
-    return -positive_part(a - z) / params.alpha
+def lower_tail_advantage(
+    z: torch.Tensor, a: torch.Tensor, params: RiskParams, eps: float = 0.0
+) -> torch.Tensor:
+    """``A_cv = -(a - z)+ / (alpha + eps)``, the CVaR_alpha likelihood-ratio weight."""
+    return -positive_part(a - z) / (params.alpha + eps)
 
 
 def _needs_positive_alpha(what: str) -> ParamsCheck:
@@ -152,12 +158,14 @@ def mixed_var_advantages(
 
     ``form="paper"``: ``A = -(1 + omega) (a - z)+ + g(z, a, b)``, the likelihood-ratio
     weight of ``J = (1 + omega) int_0^alpha F^-1 + int_alpha^beta F^-1``; never positive.
-    ``form="reference_code"``: ``A = (w_mix A_cv + A_rv) / (w_mix + 1)``.
+    ``form="reference_code"``: ``A = (w_mix A_cv + A_rv) / (w_mix + 1)``, with the official
+    code's denominators ``alpha + 1e-6`` and ``beta - alpha + 1e-6``.
     """
     if params.form == "paper":
         return -(1.0 + params.omega) * positive_part(a - z) + truncation_g(z, a, b)
-    lower = lower_tail_advantage(z, a, params)
-    return (params.w_mix * lower + range_var_advantage(z, a, b, params)) / (params.w_mix + 1.0)
+    lower = lower_tail_advantage(z, a, params, LEVEL_EPS)
+    upper = range_var_advantage(z, a, b, params, LEVEL_EPS)
+    return (params.w_mix * lower + upper) / (params.w_mix + 1.0)
 
 
 @register_risk_estimator("rvar")

@@ -53,12 +53,16 @@ from .estimators import (
 from .quantiles import QuantileTracker, empirical_quantiles, unbiased_std
 
 FORMS = ("paper", "reference_code")
-CREDITS = ("uniform", "std")
+CREDITS = ("uniform", "std", "score", "sum_mean")
 SCORES = ("sum", "mean")
 QUANTILE_MODES = ("empirical", "tracker")
 BACKENDS = ("auto", "torch", "triton")
 CREDIT_STD_FLOOR = 1e-3
-"""credit="std": a question whose reward std is below this divides by 1 instead."""
+"""credit="std": a question whose reward std is at most this uses 1 instead of its std."""
+CREDIT_SCORE_WEIGHTS = (0.5, 1.5)
+"""credit="score": the share of ``A_j`` a response gets when its reward is > 0, and else."""
+CREDIT_SUM_FLOOR = 1e-6
+"""credit="sum_mean": a member whose ``|Sigma_j|`` is at most this shares ``A_j`` equally."""
 
 
 @dataclass(frozen=True)
@@ -284,8 +288,14 @@ def advantages(
         w_upper: upper-tail weight of ``estimator="upper"`` (needs ``beta < 1``).
         normalize: divide by ``std(S_1..S_G) + 1e-6`` (unbiased) per bundle.
         center: subtract each bundle's mean advantage afterwards.
-        credit: ``"uniform"``, or ``"std"`` to divide by the question's reward std
-            (1 when below 1e-3).
+        credit: how a member's advantage ``A_j`` is shared among its responses (spec
+            section 3, the official code's ``credit_assign_mode``): ``"uniform"`` (each
+            gets ``A_j``), ``"std"`` (``A_j / (s_q + 1e-6)`` with ``s_q`` the question's
+            unbiased reward std, 1 when ``s_q <= 1e-3``), ``"score"`` (``0.5 A_j`` for a
+            response with reward > 0, ``1.5 A_j`` otherwise) or ``"sum_mean"``
+            (``A_j rho_i / Sigma_j`` with ``rho_i = r_i - mean_q(r)`` and ``Sigma_j`` the
+            member's sum of ``rho``; ``A_j / B_b`` each when ``|Sigma_j| <= 1e-6``).
+            Ignored by the mean-based estimators.
         score: ``"sum"`` or ``"mean"`` of a member's rewards.
         quantile: ``"empirical"`` per bundle, or ``"tracker"`` (needs ``tracker``).
         tracker: a :class:`QuantileTracker` with the same levels; its current values
@@ -513,7 +523,7 @@ def pending_advantages(
         _check_values(rewards, original_rewards, scores, quantiles, flat)
     else:
         flat, member_advantages = _zero_non_finite_bundles(
-            flat, member_advantages, response_bundles
+            flat, member_advantages, response_bundles, member_response
         )
     new_values = None
     if use_tracker and update_tracker and tracked is not None:
@@ -586,7 +596,7 @@ def _kernel_path(
         score_mean=options.is_risk and options.score == "mean",
         normalize=options.normalize,
         center=options.center,
-        credit_std=options.is_risk and options.credit == "std",
+        credit=options.credit if options.is_risk else "uniform",
     )
     return scores, quantiles, member_advantages, flat
 
@@ -663,23 +673,67 @@ def _zero_degenerate_rows(
 
 
 def _zero_non_finite_bundles(
-    flat: torch.Tensor, member_advantages: torch.Tensor, response_bundles: torch.Tensor
+    flat: torch.Tensor,
+    member_advantages: torch.Tensor,
+    response_bundles: torch.Tensor,
+    member_response: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``validate=False``: a bundle with a non-finite member advantage (its scores or
-    quantiles were not finite, or finite rewards overflowed on the way) gets 0 on every
+    """``validate=False``: a bundle with a non-finite member advantage or response share
+    (its scores or quantiles were not finite, or finite rewards overflowed on the way) gets 0 on every
     response (``response_bundles``: the ``[N]`` bundle of each); decided on the device,
     no host read."""
     bad = ~torch.isfinite(member_advantages).all(dim=1)
+    # A credit share can overflow where its member advantage did not (sum_mean's ratio).
+    held = member_response >= 0
+    shares_finite = torch.isfinite(flat)[member_response.clamp_min(0)] | ~held
+    bad = bad | ~shares_finite.flatten(1).all(dim=1)
     flat = torch.where(bad[response_bundles], 0.0, flat)
     return flat, torch.where(bad[:, None], 0.0, member_advantages)
 
 
-def _credit_scale(question_rewards: torch.Tensor) -> torch.Tensor:
-    """``[M, 1]`` divisor of credit="std": each row's unbiased std, 1 when below 1e-3
-    (or not finite, which only ``validate=False`` can produce)."""
+def _credit_std_divisor(question_rewards: torch.Tensor) -> torch.Tensor:
+    """``[M, 1]`` divisor of credit="std": ``s_q + 1e-6`` with ``s_q`` each row's unbiased
+    std, replaced by 1 when at most 1e-3 (or not finite, which only ``validate=False`` can
+    produce), as the official code does."""
     std = unbiased_std(question_rewards, dim=1)[:, None]
-    usable = (std >= CREDIT_STD_FLOOR) & torch.isfinite(std)
-    return torch.where(usable, std, torch.ones_like(std))
+    usable = (std > CREDIT_STD_FLOOR) & torch.isfinite(std)
+    return torch.where(usable, std, torch.ones_like(std)) + GROUP_EPS
+
+
+def credit_shares(
+    rewards: torch.Tensor,
+    member_response: torch.Tensor,
+    member_advantages: torch.Tensor,
+    credit: str,
+) -> torch.Tensor:
+    """Each response's share of its member's advantage: ``[nb, K, G]`` (spec section 3, Credit).
+
+    Args:
+        rewards: ``[N]`` float32.
+        member_response: ``[nb, K, G]`` response index per bundle, question slot and member
+            (-1 in the empty slots of a smaller bundle, whose values are then unused).
+        member_advantages: ``[nb, G]`` member advantages ``A_j``.
+        credit: one of :data:`CREDITS`.
+    """
+    values = member_advantages[:, None, :].expand(member_response.shape)
+    if credit == "uniform":
+        return values
+    question_rewards = gather_member_rewards(rewards, member_response)  # [nb, K, G]
+    nb, k, g = question_rewards.shape
+    if credit == "std":
+        return values / _credit_std_divisor(question_rewards.reshape(nb * k, g)).view(nb, k, 1)
+    if credit == "score":
+        rewarded, otherwise = CREDIT_SCORE_WEIGHTS
+        return values * torch.where(question_rewards > 0, rewarded, otherwise)
+    # sum_mean: rho_i = r_i - mean_q(r); Sigma_j = sum of the member's rho (= S_j - mean(S)).
+    present = member_response >= 0
+    rho = question_rewards - question_rewards.mean(dim=2, keepdim=True)
+    rho = torch.where(present, rho, torch.zeros_like(rho))
+    sigma = rho.sum(dim=1, keepdim=True)  # [nb, 1, G]
+    spread = sigma.abs() > CREDIT_SUM_FLOOR
+    questions = present[:, :, :1].sum(dim=1, keepdim=True).clamp_min(1).to(values.dtype)
+    ratio = rho / torch.where(spread, sigma, torch.ones_like(sigma))
+    return torch.where(spread, values * ratio, values / questions)
 
 
 def _to_responses(
@@ -688,17 +742,13 @@ def _to_responses(
     member_advantages: torch.Tensor,
     options: AdvantageOptions,
 ) -> torch.Tensor:
-    """Hand each member's advantage to its responses: ``[N]`` in input order.
+    """Hand each member's advantage to its responses (``credit``): ``[N]`` in input order.
 
-    With ``credit="std"`` each response's value is divided by its question's reward std.
     Empty slots scatter into a spare last element, which is dropped.
     """
     n = rewards.numel()
-    values = member_advantages[:, None, :].expand(member_response.shape)
-    if options.is_risk and options.credit == "std":
-        question_rewards = gather_member_rewards(rewards, member_response)
-        nb, k, g = question_rewards.shape
-        values = values / _credit_scale(question_rewards.reshape(nb * k, g)).view(nb, k, 1)
+    credit = options.credit if options.is_risk else "uniform"
+    values = credit_shares(rewards, member_response, member_advantages, credit)
     target = torch.where(member_response >= 0, member_response, n)
     out = rewards.new_zeros(n + 1)
     out[target.flatten()] = values.flatten()
