@@ -6,6 +6,8 @@ Token log-probs (RiskPO):
   ``[N, V]`` logits;
 * :func:`fused_linear_logprobs` - the same from ``hidden[N, H]`` and ``weight[V, H]``
   without materialising ``[N, V]``;
+* :func:`fused_linear_policy_loss` - RiskPO's clipped policy loss (``riskpo.md`` section
+  4) from ``hidden[N, T, H]`` and ``weight[V, H]``, gradients in the same chunked pass;
 * :mod:`riskfast.ops.reference` - the plain PyTorch references (test oracles);
 * :mod:`riskfast.ops.bundle_advantages` - dispatch to the bundle-advantages kernel.
 
@@ -22,6 +24,7 @@ Spec: ``spec/kernels.md``, "Public signatures (riskfast.ops)"; ``spec/rlr.md``.
 """
 
 from . import bundle_advantages, noise, philox, reference, transition
+from .fused_policy_loss import fused_linear_policy_loss
 from .logprobs import BACKENDS, fused_linear_logprobs, selective_logprobs
 from .noise import accumulate_noise_, perturb_, philox_normal
 from .reference import fused_linear_logprobs_reference, selective_logprobs_reference
@@ -34,6 +37,7 @@ __all__ = [
     "bundle_advantages",
     "fused_linear_logprobs",
     "fused_linear_logprobs_reference",
+    "fused_linear_policy_loss",
     "noise",
     "perturb_",
     "philox",
