@@ -38,6 +38,7 @@ CHARS = "0123456789+="
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    "mini": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
     "small": {
         "hidden_size": 128,
         "num_hidden_layers": 4,
@@ -52,7 +53,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     },
 }
 """Model sizes for :func:`build_model`: ``tiny`` (tests and ``--quick``, 21k parameters),
-``small`` (the demo default, 1.05M) and ``medium`` (4.2M)."""
+``mini`` (``riskfast study``, 133k), ``small`` (the demo default, 1.05M) and ``medium``
+(4.2M)."""
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,20 @@ What it does, on the embedded defaults (no download, CPU or CUDA):
 5. writes ``metrics.jsonl`` (one line per RL step and per evaluation),
    ``summary.json`` and ``report.png`` into ``--out`` and prints a table.
 
-Both arms share everything but the advantage estimator (and the ratio level, which
-gives the same gradient while the ratio is 1, i.e. with ``num_iterations=1``): the
-learning rate, loss aggregation (TRL's ``dapo`` token mean), prompts, group size and
-seeds. The summary records the learning rate and centring of every arm. One seed
-says little: compare several (``--seed``) before reading a difference into it.
+Both arms share the prompts, group size, seeds and every training knob (updates per
+rollout, weight decay, dual clip, gradient clip, loss aggregation); each has its own
+learning rate (``--grpo-lr``, ``--riskpo-lr``, or ``--lr`` for both). The RiskPO arm's
+options come from a named preset (``--preset``, :mod:`riskfast.demo.presets`: the
+paper's configuration or the official scripts'), and each can be overridden on the
+command line. The summary records every arm's options and the machine it ran on. One
+seed says little: ``riskfast study`` (:mod:`riskfast.demo.study`) compares arms over
+seeds with each arm's learning rate tuned on a validation split.
+
+Reproducibility: the run is a function of the seed and the settings *on one machine
+with one thread count*. ``--threads`` (default 1) pins torch's intra-op threads,
+because a different thread count splits float32 reductions differently, and sampling
+turns those last-bit differences into different rollouts (the README's section on
+reproducibility gives the measurements).
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .presets import BUILTIN, PRESETS, RISKPO_KEYS, TRAINING_KEYS, preset_values
 from .task import (
     Evaluation,
     build_model,
@@ -89,6 +100,9 @@ SUMMARY_METHOD_FIELDS = (
     "trainer",
     "ratio_level",
     "bundle_size",
+    "preset",
+    "riskpo_options",
+    "training",
     "seconds",
 )
 """Fields of each entry of ``summary["methods"]`` (and ``warm_start`` has ``pass@k``,
@@ -105,7 +119,28 @@ QUICK = {
     "eval_questions": 60,
     "eval_every": 20,
 }
-"""What ``--quick`` overrides: a smoke run (tiny model, short phases), < 2 minutes."""
+"""What ``--quick`` changes: a smoke run (tiny model, short phases), < 2 minutes. An
+option given on the command line wins over it (``--quick --steps 5``)."""
+
+DEFAULTS = {
+    "steps": 300,
+    "model_size": "small",
+    "max_digits": 4,
+    "warm_steps": 800,
+    "warm_batch": 256,
+    "warm_lr": 2e-3,
+    "warm_target": 0.5,
+    "eval_questions": 200,
+    "eval_every": 50,
+}
+"""The demo's defaults of the options :data:`QUICK` changes (the parser leaves them unset,
+so that an option given with ``--quick`` wins)."""
+
+_UNSET: Any = object()
+"""Parser default of ``--warm-target``, whose ``None`` (never stop) is a legal value."""
+
+DEFAULT_PRESET = "paper"
+"""The demo's RiskPO arm when ``--preset`` is not given."""
 
 
 WARM_START_KEYS = ("seed", "model_size", "max_digits", "warm_steps", "warm_batch", "warm_lr",
@@ -123,70 +158,226 @@ def _load_warm_start(path: Path | None, key: dict[str, Any]) -> dict[str, Any] |
     return saved
 
 
+def _optional_float(text: str) -> float:
+    """``--dual-clip``: a float, or ``none``/``off`` for 0 (off)."""
+    return 0.0 if text.lower() in ("none", "off") else float(text)
+
+
+def add_riskpo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The RiskPO arm's options (each defaults to the preset's value)."""
+    group = parser.add_argument_group(
+        "RiskPO arm (default: the preset's value, see --preset; spec riskpo.md sections 1-4)"
+    )
+    add = group.add_argument
+    bool_flag = argparse.BooleanOptionalAction
+    add("--estimator", default=None, help="advantage estimator (mvar, rvar, cvar, upper)")
+    add("--form", choices=("paper", "reference_code"), default=None, help="Mixed-VaR form")
+    add("--bundle-size", type=int, default=None, help="questions per bundle, B")
+    add("--alpha", type=float, default=None, help="lower quantile level")
+    add("--beta", type=float, default=None, help="upper quantile level")
+    add("--omega", type=float, default=None, help="lower-tail weight (form paper)")
+    add("--w-mix", type=float, default=None, help="mixing weight (form reference_code)")
+    add("--natural-baseline", action=bool_flag, default=None,
+        help="keep the range-VaR baseline term c (a - b) (form reference_code)")
+    add("--normalize", action=bool_flag, default=None,
+        help="divide advantages by the bundle's score std + 1e-6")
+    add("--center", action=bool_flag, default=None,
+        help="subtract each bundle's mean advantage (neither the paper nor the official code does)")
+    add("--credit", choices=("uniform", "std", "score", "sum_mean"), default=None,
+        help="how a member's advantage is shared among its responses")
+    add("--score", choices=("sum", "mean"), default=None, help="member score")
+    add("--quantile", choices=("empirical", "tracker"), default=None,
+        help="per-bundle quantiles or a run-wide tracker")
+    add("--tracker-gamma", type=float, default=None, help="step size of the quantile tracker")
+    add("--shuffle-bundles", action=bool_flag, default=None,
+        help="random bundles and members (else consecutive prompts, j-th responses)")
+    add("--ratio-level", choices=("sequence", "token"), default=None,
+        help="importance ratio of the RiskPO loss")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Training knobs both arms share (each defaults to the preset's value)."""
+    group = parser.add_argument_group("training, both arms (default: the preset's value)")
+    add = group.add_argument
+    add("--updates-per-rollout", type=int, default=None,
+        help="optimizer steps per generation batch, each on a share of it (official: 2)")
+    add("--weight-decay", type=float, default=None, help="AdamW weight decay (official: 0.01)")
+    add("--dual-clip", type=_optional_float, default=None,
+        help="dual-clip constant c > 1 for negative advantages, or 0/none for off (official: 3)")
+    add("--max-grad-norm", type=float, default=None, help="gradient clip (default 1)")
+    add("--clip-epsilon", type=float, default=None, help="ratio clip range (default 0.2)")
+    add("--loss-type", choices=("dapo", "bnpo", "grpo", "dr_grpo"), default=None,
+        help="loss aggregation, TRL's loss_type (default dapo: token mean)")
+    add("--kl-coef", type=float, default=None, help="k3 KL coefficient to the start (default 0)")
+    add("--entropy-coef", type=float, default=None, help="entropy bonus (default 0)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (the ``riskfast demo`` subcommand)."""
     add = parser.add_argument
     add("--method", choices=("both", *METHODS), default="both",
         help="which arm(s) to train from the shared warm start (default both)")
-    add("--steps", type=int, default=300, help="RL steps per method (default 300)")
+    add("--preset", choices=sorted(PRESETS), default=None,
+        help=f"RiskPO arm and training configuration (default {DEFAULT_PRESET}): "
+        + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
+    add("--steps", type=int, default=None, help="RL steps (rollouts) per method (default 300)")
     add("--seed", type=int, default=0, help="seed of task, model, warm start and RL (default 0)")
     add("--out", type=Path, default=Path("riskfast_out/demo"),
         help="output folder (default riskfast_out/demo)")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    add("--model-size", choices=("tiny", "small", "medium"), default="small",
+    add("--model-size", choices=("tiny", "mini", "small", "medium"), default=None,
         help="model size (default small, ~1M parameters)")
     add("--group-size", type=int, default=8, help="completions per prompt, G (default 8)")
     add("--prompts-per-step", type=int, default=10, help="prompts per RL step (default 10)")
-    add("--bundle-size", type=int, default=5, help="RiskPO prompts per bundle, B (default 5)")
-    add("--alpha", type=float, default=0.2, help="RiskPO lower quantile level (default 0.2)")
-    add("--beta", type=float, default=0.8, help="RiskPO upper quantile level (default 0.8)")
-    add("--omega", type=float, default=0.5, help="RiskPO lower-tail weight (default 0.5)")
-    add("--estimator", default="mvar", help="RiskPO arm's estimator (default mvar)")
-    add("--form", choices=("paper", "reference_code"), default="paper",
-        help="Mixed-VaR form (default paper)")
-    add("--center", action=argparse.BooleanOptionalAction, default=True,
-        help="centre RiskPO advantages per bundle (default on; see README)")
-    add("--lr", type=float, default=1e-4, help="RL learning rate, both arms (default 1e-4)")
+    add("--lr", type=float, default=1e-4, help="RL learning rate of both arms (default 1e-4)")
+    add("--grpo-lr", type=float, default=None, help="GRPO arm's learning rate (default --lr)")
     add("--riskpo-lr", type=float, default=None, help="RiskPO arm's learning rate (default --lr)")
     add("--grpo-trainer", choices=("riskpo", "trl"), default="riskpo",
         help="GRPO arm through RiskPOTrainer(estimator='grpo') or TRL's GRPOTrainer")
-    add("--warm-steps", type=int, default=800, help="max supervised warm-start steps (default 800)")
-    add("--warm-batch", type=int, default=256, help="warm-start batch size (default 256)")
-    add("--warm-lr", type=float, default=2e-3, help="warm-start learning rate (default 2e-3)")
-    add("--warm-target", type=float, default=0.5,
-        help="stop the warm start at this sampled validation pass@1 (default 0.5)")
+    add("--warm-steps", type=int, default=None, help="max supervised warm-start steps (default 800)")
+    add("--warm-batch", type=int, default=None, help="warm-start batch size (default 256)")
+    add("--warm-lr", type=float, default=None, help="warm-start learning rate (default 2e-3)")
+    add("--warm-target", type=float, default=_UNSET,
+        help="stop the warm start at this sampled validation pass@1 (default 0.5; > 1: never)")
     add("--warm-start", type=Path, default=None,
         help="reuse the warm start saved in this file when its settings match (else train "
         "and save it there); every run also saves OUT/warm_start.pt")
-    add("--max-digits", type=int, default=4, help="hardest level, digits (default 4)")
-    add("--eval-questions", type=int, default=200, help="held-out questions (default 200)")
-    add("--eval-every", type=int, default=50, help="RL steps between evaluations (default 50)")
-    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add("--max-digits", type=int, default=None, help="hardest level, digits (default 4)")
+    add("--eval-questions", type=int, default=None, help="held-out questions (default 200)")
+    add("--eval-every", type=int, default=None, help="RL steps between evaluations (default 50)")
+    add("--threads", type=int, default=1,
+        help="torch intra-op CPU threads (default 1: results depend on the thread count)")
     add("--no-plot", action="store_true", help="skip report.png")
     add("--quick", action="store_true",
-        help="a smoke run in < 2 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+        help="a smoke run in < 2 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+        + " (options given on the command line win)")
+    add_riskpo_arguments(parser)
+    add_training_arguments(parser)
+
+
+def resolve_options(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
+    """Every RiskPO and training option: the command line's value where given, else
+    ``preset``'s, else :data:`riskfast.demo.presets.BUILTIN`. Validated (``ValueError``
+    naming the option) before anything trains."""
+    values = preset_values(preset)
+    for key in (*RISKPO_KEYS, *TRAINING_KEYS):
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    check_options(values)
+    return values
+
+
+def check_options(values: dict[str, Any]) -> None:
+    """Validate a full option set (see :func:`resolve_options`)."""
+    from ..riskpo import AdvantageOptions
+
+    def flag(key: str) -> str:
+        return key.replace("_", "-")
+
+    try:
+        AdvantageOptions(**advantage_options(values))
+    except (TypeError, ValueError) as err:
+        name, colon, rest = str(err).partition(":")
+        if colon and name in _ADVANTAGE_FLAG:
+            raise type(err)(f"{_ADVANTAGE_FLAG[name]}:{rest}") from None
+        raise
+    if values["ratio_level"] not in ("sequence", "token"):
+        raise ValueError(f"ratio-level: must be 'sequence' or 'token', got {values['ratio_level']!r}")
+    if values["tracker_gamma"] <= 0:
+        raise ValueError(f"tracker-gamma: must be > 0, got {values['tracker_gamma']}")
+    if values["updates_per_rollout"] < 1:
+        raise ValueError(f"updates-per-rollout: must be >= 1, got {values['updates_per_rollout']}")
+    dual = values["dual_clip"]
+    if dual != 0.0 and not (isinstance(dual, float | int) and dual > 1.0):
+        raise ValueError(f"dual-clip: must be > 1, or 0 for off, got {dual}")
+    for key in ("weight_decay", "kl_coef", "entropy_coef"):
+        if values[key] < 0:
+            raise ValueError(f"{flag(key)}: must be >= 0, got {values[key]}")
+    for key in ("max_grad_norm", "clip_epsilon"):
+        if not values[key] > 0:
+            raise ValueError(f"{flag(key)}: must be > 0, got {values[key]}")
+
+
+_ADVANTAGE_FLAG = {
+    "estimator": "estimator",
+    "bundle_size": "bundle-size",
+    "alpha": "alpha",
+    "beta": "beta",
+    "omega": "omega",
+    "form": "form",
+    "w_mix": "w-mix",
+    "natural_baseline": "natural-baseline",
+    "normalize": "normalize",
+    "center": "center",
+    "credit": "credit",
+    "score": "score",
+    "quantile": "quantile",
+    "shuffle": "shuffle-bundles",
+}
+
+
+def advantage_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`riskfast.riskpo.AdvantageOptions` keywords of an option set."""
+    return {
+        "estimator": values["estimator"],
+        "bundle_size": values["bundle_size"],
+        "alpha": values["alpha"],
+        "beta": values["beta"],
+        "omega": values["omega"],
+        "form": values["form"],
+        "w_mix": values["w_mix"],
+        "natural_baseline": values["natural_baseline"],
+        "normalize": values["normalize"],
+        "center": values["center"],
+        "credit": values["credit"],
+        "score": values["score"],
+        "quantile": values["quantile"],
+        "shuffle": values["shuffle_bundles"],
+    }
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args = copy.copy(args)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    for name in ("steps", "group_size", "prompts_per_step", "bundle_size", "eval_questions",
-                 "eval_every", "max_digits"):
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is (_UNSET if key == "warm_target" else None):
+            setattr(args, key, QUICK[key] if args.quick and key in QUICK else value)
+    check_common(args)
+    if args.preset is None:
+        args.preset = DEFAULT_PRESET
+    args.options = resolve_options(args, args.preset)
+    args.grpo_lr = args.lr if args.grpo_lr is None else args.grpo_lr
+    args.riskpo_lr = args.lr if args.riskpo_lr is None else args.riskpo_lr
+    for name in ("lr", "grpo_lr", "riskpo_lr"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
+    if args.grpo_trainer == "trl" and args.method != "riskpo":
+        unsupported = [k for k in ("dual_clip", "kl_coef") if args.options[k] != BUILTIN[k]]
+        if args.options["loss_type"] != "dapo":
+            unsupported.append("loss_type")
+        if unsupported:
+            raise ValueError(
+                f"grpo-trainer: the TRL GRPOTrainer arm is run with TRL's own loss; "
+                f"{', '.join(k.replace('_', '-') for k in unsupported)} would not reach it: "
+                "use --grpo-trainer riskpo"
+            )
+    return args
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Validate the sizes both the demo and the study use (``ValueError`` naming the flag)."""
+    for name in ("steps", "group_size", "prompts_per_step", "eval_questions", "eval_every",
+                 "max_digits", "warm_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.warm_steps < 0:
+        raise ValueError(f"warm-steps: must be >= 0, got {args.warm_steps}")
     if args.group_size < 2:
         raise ValueError(f"group-size: GRPO needs at least 2 completions per prompt, got {args.group_size}")
-    if args.riskpo_lr is None:
-        args.riskpo_lr = args.lr
-    from ..riskpo import AdvantageOptions
-
-    AdvantageOptions(  # validates the RiskPO options before any training
-        estimator=args.estimator, bundle_size=args.bundle_size, alpha=args.alpha, beta=args.beta,
-        omega=args.omega, form=args.form, center=args.center,
-    )
-    return args
+    if args.max_digits > 9:
+        raise ValueError(f"max-digits: must be in 1..9, got {args.max_digits}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {args.threads}")
 
 
 def _device(name: str) -> torch.device:
@@ -233,17 +424,83 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _train_method(
-    method: str,
-    args: argparse.Namespace,
+@dataclass(frozen=True)
+class Arm:
+    """One trained arm: what trains it and with which options.
+
+    Attributes:
+        name: the arm's label (``"grpo"``, ``"riskpo"``, or a preset name in a study).
+        method: ``"grpo"`` or ``"riskpo"``.
+        learning_rate: its learning rate.
+        options: every RiskPO and training option (:func:`resolve_options`); the GRPO
+            arm reads only the training ones.
+        preset: the preset the options came from (None for the GRPO arm).
+        grpo_trainer: ``"riskpo"`` (RiskPOTrainer with ``estimator="grpo"``) or ``"trl"``.
+    """
+
+    name: str
+    method: str
+    learning_rate: float
+    options: dict[str, Any]
+    preset: str | None = None
+    grpo_trainer: str = "riskpo"
+
+    def describe(self) -> dict[str, Any]:
+        """The options that shape this arm's training, for summaries."""
+        training = {k: self.options[k] for k in TRAINING_KEYS}
+        if self.method != "riskpo":
+            return {"estimator": "grpo", "ratio_level": "token", "training": training}
+        return {
+            "riskpo_options": {k: self.options[k] for k in RISKPO_KEYS},
+            "training": training,
+        }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every arm of one comparison shares (the sampling budget and the task)."""
+
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    max_digits: int
+    model_size: str
+    seed: int
+    eval_every: int
+
+
+def check_budget(settings: RunSettings, options: dict[str, Any]) -> None:
+    """A generation batch must split into ``updates_per_rollout`` equal shares."""
+    completions = settings.prompts_per_step * settings.group_size
+    updates = options["updates_per_rollout"]
+    if completions % updates:
+        raise ValueError(
+            f"updates-per-rollout: {completions} completions per step (prompts-per-step x "
+            f"group-size) do not split into {updates} equal updates"
+        )
+
+
+def train_arm(
+    arm: Arm,
+    settings: RunSettings,
     start_state: dict[str, torch.Tensor],
     tokenizer: Any,
-    test_questions: Sequence[Any],
     device: torch.device,
-    writer: _JsonLines,
-    progress: Any,
-    t0: float,
-) -> dict[str, Any]:
+    *,
+    output_dir: Path,
+    evaluate_at: Callable[[int, Any], dict[str, Any]],
+    record: Callable[[dict[str, Any]], None],
+    progress: Any = None,
+    t0: float | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Train one arm by RL from ``start_state``; returns its training summary and model.
+
+    ``evaluate_at(step, model)`` runs at step 0, every ``settings.eval_every`` RL steps
+    and after the last one (its return value for the last step is kept as ``final``);
+    ``record(line)`` receives every ``kind: "train"`` line (:data:`TRAIN_RECORD_FIELDS`).
+    An RL step is one generation batch of ``prompts_per_step x group_size`` completions,
+    followed by ``updates_per_rollout`` optimizer steps on equal shares of it.
+    """
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -251,24 +508,33 @@ def _train_method(
 
     from ..integrations.trl import RiskPOConfig, RiskPOTrainer
 
-    model = build_model(tokenizer, args.model_size, seed=args.seed)
+    t0 = time.perf_counter() if t0 is None else t0
+    options = arm.options
+    check_budget(settings, options)
+    updates = int(options["updates_per_rollout"])
+    model = build_model(tokenizer, settings.model_size, seed=settings.seed)
     model.load_state_dict(start_state)
     model.to(device)
-    questions = sample_questions(args.steps * args.prompts_per_step, "train",
-                                 max_digits=args.max_digits, seed=args.seed + 1)
+    questions = sample_questions(settings.steps * settings.prompts_per_step, "train",
+                                 max_digits=settings.max_digits, seed=settings.seed + 1)
     dataset = Dataset.from_list([{"prompt": q.prompt, "answer": q.answer} for q in questions])
 
-    is_riskpo = method == "riskpo"
-    lr = args.riskpo_lr if is_riskpo else args.lr
     common: dict[str, Any] = {
-        "output_dir": str(args.out / method / "trainer"),
-        "max_steps": args.steps,
-        "per_device_train_batch_size": args.prompts_per_step * args.group_size,
-        "num_generations": args.group_size,
-        "max_completion_length": args.max_digits + 3,
-        "learning_rate": lr,
+        "output_dir": str(output_dir),
+        "max_steps": settings.steps * updates,
+        "per_device_train_batch_size": settings.prompts_per_step * settings.group_size // updates,
+        "steps_per_generation": updates,
+        "num_generations": settings.group_size,
+        "max_completion_length": settings.max_digits + 3,
+        "learning_rate": arm.learning_rate,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
+        "weight_decay": float(options["weight_decay"]),
+        "max_grad_norm": float(options["max_grad_norm"]),
+        "epsilon": float(options["clip_epsilon"]),
+        "loss_type": options["loss_type"],
+        "beta": float(options["kl_coef"]),
+        "entropy_coef": float(options["entropy_coef"]),
         "temperature": 1.0,
         "bf16": False,
         "activation_checkpointing": False,
@@ -276,30 +542,49 @@ def _train_method(
         "logging_steps": 1,
         "save_strategy": "no",
         "disable_tqdm": True,
-        "seed": args.seed,
+        "seed": settings.seed,
         "use_cpu": device.type == "cpu",
         "dataloader_num_workers": 0,
     }
-    use_trl_grpo = (not is_riskpo) and args.grpo_trainer == "trl"
-    if use_trl_grpo:
+    dual_clip = float(options["dual_clip"]) or None
+    is_riskpo = arm.method == "riskpo"
+    if not is_riskpo and arm.grpo_trainer == "trl":
         config: Any = GRPOConfig(**common)
         trainer_cls: Any = GRPOTrainer
-        trainer_name = "trl.GRPOTrainer"
-        estimator, ratio_level, center, bundle_size = "grpo (TRL)", "token", False, 1
+        trainer_name, estimator, ratio_level, center, bundle_size = (
+            "trl.GRPOTrainer", "grpo (TRL)", "token", False, 1
+        )
     elif is_riskpo:
         config = RiskPOConfig(
-            **common, estimator=args.estimator, bundle_size=args.bundle_size,
-            risk_alpha=args.alpha, risk_beta=args.beta, omega=args.omega, form=args.form,
-            center=args.center, ratio_level="sequence", bundle_seed=args.seed,
+            **common,
+            estimator=options["estimator"],
+            bundle_size=options["bundle_size"],
+            risk_alpha=options["alpha"],
+            risk_beta=options["beta"],
+            omega=options["omega"],
+            form=options["form"],
+            w_mix=options["w_mix"],
+            natural_baseline=options["natural_baseline"],
+            normalize=options["normalize"],
+            center=options["center"],
+            credit=options["credit"],
+            score=options["score"],
+            quantile_mode=options["quantile"],
+            tracker_gamma=options["tracker_gamma"],
+            shuffle_bundles=options["shuffle_bundles"],
+            ratio_level=options["ratio_level"],
+            dual_clip=dual_clip,
+            bundle_seed=settings.seed,
         )
         trainer_cls = RiskPOTrainer
         trainer_name = "riskfast.RiskPOTrainer"
-        estimator, ratio_level, center, bundle_size = (
-            f"{args.estimator} ({args.form})", "sequence", args.center, args.bundle_size
+        estimator = f"{options['estimator']} ({options['form']})"
+        ratio_level, center, bundle_size = (
+            options["ratio_level"], options["center"], options["bundle_size"]
         )
     else:
         config = RiskPOConfig(**common, estimator="grpo", bundle_size=1, ratio_level="token",
-                              bundle_seed=args.seed)
+                              dual_clip=dual_clip, bundle_seed=settings.seed)
         trainer_cls = RiskPOTrainer
         trainer_name = "riskfast.RiskPOTrainer(estimator='grpo')"
         estimator, ratio_level, center, bundle_size = "grpo", "token", False, 1
@@ -307,81 +592,144 @@ def _train_method(
     rewards: list[float] = []
     train_entropy: list[float] = []
     last_time = [time.perf_counter()]
+    evaluations: dict[int, Any] = {}
 
-    def run_eval(step: int, mdl: Any) -> Evaluation:
-        ev = evaluate(mdl, tokenizer, test_questions, num_samples=max(KS), ks=KS,
-                      seed=args.seed + 1000, max_new_tokens=args.max_digits + 3)
-        writer.write({
-            "kind": "eval", "method": method, "step": step,
-            "pass@k": {str(k): v for k, v in ev.pass_at.items()},
-            "entropy": ev.entropy, "elapsed_seconds": time.perf_counter() - t0,
-        })
-        return ev
+    pending: dict[str, Any] = {}
+    per_update: dict[str, list[float]] = {"entropy": [], "clip_frac": []}
 
     class Recorder(TrainerCallback):
+        """One ``train`` line per RL step: the rollout's reward and advantage statistics
+        (logged by its first optimizer step) with the entropy and clip fraction averaged
+        over all its ``updates_per_rollout`` optimizer steps (the first one's ratio is 1)."""
+
         def on_log(self, _args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if not logs or "reward" not in logs:
+            if not logs:
+                return
+            if "reward" in logs:
+                pending.clear()
+                pending.update({
+                    "kind": "train",
+                    "method": arm.name,
+                    "step": math.ceil(int(state.global_step) / updates),
+                    "reward_mean": logs.get("reward"),
+                    "reward_std": logs.get("reward_std"),
+                    "quantile_alpha": logs.get("riskpo/quantile_alpha"),
+                    "quantile_beta": logs.get("riskpo/quantile_beta"),
+                    "advantage_mean": logs.get("riskpo/advantage_mean"),
+                    "advantage_std": logs.get("riskpo/advantage_std"),
+                    "zero_advantage_bundle_frac": logs.get(
+                        "riskpo/zero_advantage_bundle_frac", logs.get("frac_reward_zero_std")
+                    ),
+                    "completion_length": logs.get("completions/mean_length"),
+                })
+                per_update["entropy"].clear()
+                per_update["clip_frac"].clear()
+            for key, name in (("entropy", "entropy"), ("clip_frac", "clip_ratio/region_mean")):
+                if logs.get(name) is not None:
+                    per_update[key].append(float(logs[name]))
+            if not pending or int(state.global_step) % updates:
                 return
             now = time.perf_counter()
-            record = {
-                "kind": "train",
-                "method": method,
-                "step": int(state.global_step),
-                "reward_mean": logs.get("reward"),
-                "reward_std": logs.get("reward_std"),
-                "quantile_alpha": logs.get("riskpo/quantile_alpha"),
-                "quantile_beta": logs.get("riskpo/quantile_beta"),
-                "entropy": logs.get("entropy"),
-                "clip_frac": logs.get("clip_ratio/region_mean"),
-                "advantage_mean": logs.get("riskpo/advantage_mean"),
-                "advantage_std": logs.get("riskpo/advantage_std"),
-                "zero_advantage_bundle_frac": logs.get(
-                    "riskpo/zero_advantage_bundle_frac", logs.get("frac_reward_zero_std")
-                ),
-                "completion_length": logs.get("completions/mean_length"),
+            line = {
+                **pending,
+                "entropy": _mean(per_update["entropy"]),
+                "clip_frac": _mean(per_update["clip_frac"]),
                 "step_seconds": now - last_time[0],
                 "elapsed_seconds": now - t0,
             }
+            pending.clear()
             last_time[0] = now
-            rewards.append(float(record["reward_mean"]))
-            if record["entropy"] is not None:
-                train_entropy.append(float(record["entropy"]))
-            writer.write(record)
-            progress.update(1)
-            progress.set_postfix(phase=method, reward=f"{record['reward_mean']:.2f}",
-                                 entropy=f"{(record['entropy'] or 0):.2f}")
+            rewards.append(float(line["reward_mean"]))
+            if line["entropy"] is not None:
+                train_entropy.append(float(line["entropy"]))
+            record(line)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(phase=arm.name, reward=f"{line['reward_mean']:.2f}",
+                                     entropy=f"{(line['entropy'] or 0):.2f}")
 
         def on_step_end(self, _args: Any, state: Any, control: Any, **kw: Any) -> None:
-            step = int(state.global_step)
-            if step % args.eval_every == 0 and step < args.steps:
-                run_eval(step, kw["model"])
+            if int(state.global_step) % updates:
+                return
+            step = int(state.global_step) // updates
+            if step % settings.eval_every == 0 and step < settings.steps:
+                evaluations[step] = evaluate_at(step, kw["model"])
                 last_time[0] = time.perf_counter()
 
     started = time.perf_counter()
-    run_eval(0, model)
+    evaluations[0] = evaluate_at(0, model)
     trainer = trainer_cls(
         model=model, reward_funcs=[exact_match_reward], args=config, train_dataset=dataset,
         processing_class=tokenizer, callbacks=[Recorder()],
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar replaces TRL's log printing
     trainer.train()
-    final = run_eval(args.steps, trainer.model)
+    final = evaluate_at(settings.steps, trainer.model)
     window = max(1, min(20, len(rewards) // 5))
     result = {
-        **_eval_dict(final),
+        "final": final,
         "train_entropy_last": _mean(train_entropy[-window:]),
         "reward_first": _mean(rewards[:window]),
         "reward_last": _mean(rewards[-window:]),
-        "steps": args.steps,
-        "learning_rate": lr,
+        "steps": settings.steps,
+        "learning_rate": arm.learning_rate,
         "center": center,
         "estimator": estimator,
         "trainer": trainer_name,
         "ratio_level": ratio_level,
         "bundle_size": bundle_size,
+        "preset": arm.preset,
+        "riskpo_options": {k: options[k] for k in RISKPO_KEYS} if is_riskpo else None,
+        "training": {k: options[k] for k in TRAINING_KEYS},
         "seconds": time.perf_counter() - started,
     }
-    return result
+    return result, trainer.model
+
+
+def demo_arms(args: argparse.Namespace) -> list[Arm]:
+    """The demo's arms from resolved arguments (:func:`_resolve`)."""
+    arms = {
+        "grpo": Arm("grpo", "grpo", args.grpo_lr, args.options, None, args.grpo_trainer),
+        "riskpo": Arm("riskpo", "riskpo", args.riskpo_lr, args.options, args.preset),
+    }
+    return [arms[m] for m in (METHODS if args.method == "both" else (args.method,))]
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """What a result depends on besides the seed: CPU, threads, BLAS, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    config = torch.__config__.show()
+    blas = next((b for b in ("MKL", "OpenBLAS", "BLIS", "Accelerate") if f"BLAS_INFO={b.lower()}" in
+                 config.replace(" ", "").lower() or f"USE_{b.upper()}=ON" in config), "unknown")
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "blas": blas,
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": str(device) if device is not None else None,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR",
+                                            "ONEDNN_DEFAULT_FPMATH_MODE") if k in os.environ},
+    }
+    for name in ("transformers", "trl", "numpy"):
+        try:
+            module = __import__(name)
+            info[name] = module.__version__
+        except ImportError:  # pragma: no cover - the demo needs them
+            pass
+    return info
 
 
 def _plot(path: Path, metrics_path: Path, summary: dict[str, Any]) -> None:
@@ -465,14 +813,79 @@ def format_table(summary: dict[str, Any]) -> str:
             + f"{row['final_entropy']:>9.3f}{reward:>21}"
         )
     config = summary["config"]
+    options = config["options"]
+    riskpo = (
+        f"RiskPO preset {config['preset']}: {options['estimator']} ({options['form']}), "
+        f"B={options['bundle_size']}, alpha={options['alpha']}, beta={options['beta']}, "
+        + (f"omega={options['omega']}" if options["form"] == "paper" else f"w_mix={options['w_mix']}")
+        + f", credit {options['credit']}, {options['ratio_level']} ratio"
+    )
     lines.append(
         f"held-out: {summary['task']['test_questions']} questions x {max(KS)} samples (temperature 1), "
         f"unbiased pass@k; {config['steps']} RL steps of {config['prompts_per_step']} prompts x "
-        f"G={config['group_size']}; RiskPO B={config['bundle_size']}, alpha={config['alpha']}, "
-        f"beta={config['beta']}, omega={config['omega']}; seed {config['seed']} (one seed: "
-        "differences of a few points are within run-to-run noise)."
+        f"G={config['group_size']}, {options['updates_per_rollout']} update(s) per step; {riskpo}; "
+        f"seed {config['seed']} (one seed: differences of a few points are within run-to-run "
+        "noise; riskfast study compares over seeds)."
     )
     return "\n".join(lines)
+
+
+def prepare_warm_start(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    device: torch.device,
+    *,
+    cache: Path | None,
+    saves: Sequence[Path] = (),
+    progress: Any = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """The supervised warm start of ``args.seed``: loaded from ``cache`` when its settings
+    (:data:`WARM_START_KEYS`) match, else trained (and saved to ``cache`` and ``saves``).
+
+    Returns ``(state_dict, log, reused)``.
+    """
+    model = build_model(tokenizer, args.model_size, seed=args.seed).to(device)
+    warm_key = {k: getattr(args, k) for k in WARM_START_KEYS}
+    cached = _load_warm_start(cache, warm_key)
+    if cached:
+        model.load_state_dict(cached["state"])
+        warm_log = cached["log"]
+    else:
+        val_questions = sample_questions(100, "val", max_digits=args.max_digits, seed=args.seed,
+                                         unique=True)
+        warm_log = warm_start(
+            model, tokenizer, steps=args.warm_steps, batch_size=args.warm_batch,
+            lr=args.warm_lr, max_digits=args.max_digits, seed=args.seed,
+            target=args.warm_target, val_questions=val_questions, progress=progress,
+        )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    saved = {"key": warm_key, "log": warm_log, "state": state}
+    for path in {*saves, *([cache] if cache is not None and not cached else [])}:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp")
+        torch.save(saved, tmp)
+        os.replace(tmp, path)
+    return state, warm_log, bool(cached)
+
+
+def evaluate_state(
+    state: dict[str, torch.Tensor] | Any,
+    tokenizer: Any,
+    questions: Sequence[Any],
+    *,
+    model_size: str,
+    max_digits: int,
+    seed: int,
+    device: torch.device,
+) -> Evaluation:
+    """Held-out pass@k and entropy of a state dict (or a model), on the demo's sampler."""
+    if isinstance(state, dict):
+        model = build_model(tokenizer, model_size, seed=seed).to(device)
+        model.load_state_dict(state)
+    else:
+        model = state
+    return evaluate(model, tokenizer, questions, num_samples=max(KS), ks=KS, seed=seed + 1000,
+                    max_new_tokens=max_digits + 3)
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,6 +896,11 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _resolve(args)
+    settings = RunSettings(args.steps, args.prompts_per_step, args.group_size, args.max_digits,
+                           args.model_size, args.seed, args.eval_every)
+    arms = demo_arms(args)
+    for arm in arms:
+        check_budget(settings, arm.options)
     # Fail before the warm start, not after it, when an optional dependency is missing.
     from ..integrations import trl as _trl  # noqa: F401 - raises a clear ImportError
 
@@ -498,43 +916,42 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     device = _device(args.device)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    methods = list(METHODS) if args.method == "both" else [args.method]
     t0 = time.perf_counter()
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, args.model_size, seed=args.seed).to(device)
     test_questions = sample_questions(args.eval_questions, "test", max_digits=args.max_digits,
                                       seed=args.seed, unique=True)
-    val_questions = sample_questions(100, "val", max_digits=args.max_digits, seed=args.seed,
-                                     unique=True)
-    warm_key = {k: getattr(args, k) for k in WARM_START_KEYS}
-    cached = _load_warm_start(args.warm_start, warm_key)
-    total = (0 if cached else args.warm_steps) + args.steps * len(methods)
+    warm_reusable = _load_warm_start(args.warm_start, {k: getattr(args, k) for k in WARM_START_KEYS})
+    total = (0 if warm_reusable else args.warm_steps) + args.steps * len(arms)
     progress = _progress(total, enabled=True)
     writer = _JsonLines(out / "metrics.jsonl")
     try:
-        if cached:
-            model.load_state_dict(cached["state"])
-            warm_log = cached["log"]
-        else:
-            warm_log = warm_start(
-                model, tokenizer, steps=args.warm_steps, batch_size=args.warm_batch,
-                lr=args.warm_lr, max_digits=args.max_digits, seed=args.seed,
-                target=args.warm_target, val_questions=val_questions, progress=progress,
-            )
-        saved = {"key": warm_key, "log": warm_log,
-                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-        for path in {out / "warm_start.pt", *([args.warm_start] if args.warm_start else [])}:
-            torch.save(saved, path)
-        warm_eval = evaluate(model, tokenizer, test_questions, num_samples=max(KS), ks=KS,
-                             seed=args.seed + 1000, max_new_tokens=args.max_digits + 3)
+        start_state, warm_log, reused = prepare_warm_start(
+            args, tokenizer, device, cache=args.warm_start, saves=[out / "warm_start.pt"],
+            progress=progress,
+        )
+        warm_eval = evaluate_state(start_state, tokenizer, test_questions, model_size=args.model_size,
+                                   max_digits=args.max_digits, seed=args.seed, device=device)
         warm_seconds = time.perf_counter() - t0
-        start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        del model
         results: dict[str, Any] = {}
-        for method in methods:
-            results[method] = _train_method(method, args, start_state, tokenizer, test_questions,
-                                            device, writer, progress, t0)
+        for arm in arms:
+
+            def evaluate_at(step: int, model: Any, arm: Arm = arm) -> Evaluation:
+                ev = evaluate_state(model, tokenizer, test_questions, model_size=args.model_size,
+                                    max_digits=args.max_digits, seed=args.seed, device=device)
+                writer.write({
+                    "kind": "eval", "method": arm.name, "step": step,
+                    "pass@k": {str(k): v for k, v in ev.pass_at.items()},
+                    "entropy": ev.entropy, "elapsed_seconds": time.perf_counter() - t0,
+                })
+                return ev
+
+            result, _ = train_arm(
+                arm, settings, start_state, tokenizer, device, output_dir=out / arm.name / "trainer",
+                evaluate_at=evaluate_at, record=writer.write, progress=progress, t0=t0,
+            )
+            final = result.pop("final")
+            results[arm.name] = {**_eval_dict(final), **result}
     finally:
         writer.close()
         progress.close()
@@ -545,12 +962,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             for key, value in vars(args).items() if not callable(value)
         },
         "device": str(device),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": machine_info(device),
         "task": {
             "name": "reversed-digit addition",
             "levels": list(range(1, args.max_digits + 1)),
@@ -559,7 +971,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         },
         "warm_start": {
             **_eval_dict(warm_eval),
-            "reused": bool(cached),
+            "reused": reused,
             "steps": warm_log["steps"],
             "val_pass@1": warm_log["val_pass@1"],
             "seconds": warm_seconds,
@@ -567,12 +979,6 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         "methods": results,
         "seconds": time.perf_counter() - t0,
     }
-    try:
-        import trl
-
-        summary["environment"]["trl"] = trl.__version__
-    except ImportError:  # pragma: no cover - the demo needs TRL anyway
-        pass
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if not args.no_plot:
         _plot(out / "report.png", out / "metrics.jsonl", summary)
