@@ -73,7 +73,19 @@ RiskPOConfig               riskfast argument
 ``entropy_coef``           ``entropy_coef``
 ``use_fused_logprobs``     policy/reference log-probs through
                            :func:`riskfast.ops.fused_linear_logprobs`
+``use_fused_loss``         the loss through
+                           :func:`riskfast.ops.fused_linear_policy_loss`
 =========================  =====================================
+
+``use_fused_loss=True`` is the counterpart of TRL's Liger GRPO loss: the training loss
+is computed from the model's last hidden states and its LM head by
+:func:`riskfast.ops.fused_linear_policy_loss`, with the gradients of the head and of the
+hidden states in the same chunked pass (``3 N H V`` multiply-adds instead of ``4``,
+never ``[N, V]``). The backbone runs through TRL's own fused-LM-head forward (so PEFT,
+FSDP's gathered head, multimodal inputs and ``cast_lm_head_to_fp32`` behave as in TRL);
+only its projection is replaced. The loss, its gradients and the logged metrics equal
+the unfused path's. Models with logit soft-capping or a logit scale fall back to the
+unfused loss.
 
 Not supported (``RiskPOConfig`` raises ``ValueError`` naming the field): the loss types
 ``cispo``, ``sapo``, ``vespo`` and ``luspo``; ``top_entropy_quantile < 1``;
@@ -261,6 +273,15 @@ class RiskPOConfig(GRPOConfig):
         ),
     )
 
+    use_fused_loss: bool = field(
+        default=False,
+        metadata=_risk_help(
+            "Compute the RiskPO training loss with riskfast.ops.fused_linear_policy_loss from "
+            "the last hidden states and the LM head, gradients in the same chunked pass "
+            "(the counterpart of TRL's Liger GRPO loss)."
+        ),
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         with _config_field_names():
@@ -275,6 +296,7 @@ class RiskPOConfig(GRPOConfig):
         if self.bundle_seed is not None:
             require_int("bundle_seed", self.bundle_seed, low=0, high=UINT64_MAX)
         require_bool("use_fused_logprobs", self.use_fused_logprobs)
+        require_bool("use_fused_loss", self.use_fused_loss)
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(
                 f"loss_type: RiskPOTrainer supports {SUPPORTED_LOSS_TYPES}, got {self.loss_type!r}"
@@ -378,6 +400,70 @@ class _RiskfastLogProbHead:
             return logp, entropy, None, None, None
         logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
         return logp, None, None, None, None
+
+
+_MODEL_INPUT_NAMES = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)  # fmt: skip
+"""The (multimodal) inputs of a batch that ``_compute_loss`` hands on to the model."""
+
+
+class _CapturingLMHead:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` to hand the projection's inputs over.
+
+    With ``use_fused_loss`` the loss needs the LM head's inputs (``hidden[M, H]``, the
+    head's ``weight`` and ``bias``, the temperature) rather than its log-probs: this
+    object records them and returns zeros in place of the per-token outputs, which TRL's
+    forward only scatters into its output. What the fused loss does not cover (logit
+    soft-capping, a logit scale) goes to TRL's own function, and nothing is recorded.
+    """
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.captured: tuple[Any, ...] | None = None
+
+    def apply(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = ("entropy",),
+    ) -> tuple[torch.Tensor | None, ...]:
+        if final_logit_softcapping is not None or logit_scale != 1.0:
+            return self.original.apply(
+                hidden, weight, bias, targets, temperature, chunk_size,
+                final_logit_softcapping, logit_scale, outputs,
+            )  # fmt: skip
+        if weight.dtype != hidden.dtype:  # as autocast would: project in the activations' dtype
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        self.captured = (hidden, weight, bias, float(temperature))
+        zeros = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        entropy = zeros if "entropy" in outputs else None
+        return zeros, entropy, None, None, None
+
+
+def _completion_hidden(
+    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+) -> torch.Tensor:
+    """``[B, width, H]`` hidden states predicting the completion tokens (0 on padding).
+
+    TRL's fused forward projects either every shifted position (``[B * (L - 1), H]``) or
+    only those with a label (the completion tokens the attention mask keeps, in row-major
+    order), depending on the device; both are laid back onto the completion grid.
+    """
+    b, length = input_ids.shape
+    if hidden.shape[0] == b * (length - 1):
+        return hidden.view(b, length - 1, -1)[:, -width:]
+    labelled = attention_mask[:, -width:] != 0
+    grid = hidden.new_zeros((b, width, hidden.shape[-1]))
+    return grid.index_put((labelled,), hidden)
 
 
 class RiskPOTrainer(GRPOTrainer):
@@ -552,6 +638,63 @@ class RiskPOTrainer(GRPOTrainer):
             return "seq-mean-token-sum-norm", sequences, int(self.max_completion_length)
         raise ValueError(f"loss_type: unsupported {loss_type!r}")  # pragma: no cover
 
+    def _riskpo_fused_loss(
+        self, model: Any, inputs: dict[str, Any], model_inputs: dict[str, Any], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None] | None:
+        """``use_fused_loss``: the loss from the LM head's inputs (None: not covered).
+
+        Runs the model once through TRL's fused-LM-head forward with the projection
+        replaced by :class:`_CapturingLMHead`, then
+        :func:`riskfast.ops.fused_linear_policy_loss` on the completion tokens.
+        """
+        import trl.trainer.utils as trl_utils
+
+        from ..ops import fused_linear_policy_loss
+
+        original = trl_utils._ChunkedLogProbFunction
+        head = _CapturingLMHead(original)
+        trl_utils._ChunkedLogProbFunction = head
+        try:
+            # one model call for the whole micro-batch: one capture
+            _, _, aux_loss = super()._get_per_token_logps_and_entropies(
+                model, **model_inputs, batch_size=model_inputs["input_ids"].shape[0]
+            )
+        finally:
+            trl_utils._ChunkedLogProbFunction = original
+        if head.captured is None:
+            return None
+        hidden, weight, bias, temperature = head.captured
+        completion_ids = inputs["completion_ids"]
+        hidden = _completion_hidden(
+            hidden, model_inputs["input_ids"], model_inputs["attention_mask"],
+            completion_ids.shape[1],
+        )  # fmt: skip
+        mode = "train" if self.model.training else "eval"
+        agg, num_items, max_len = self._riskpo_aggregation(inputs, mask, mode)
+        config: RiskPOConfig = self.args  # type: ignore[assignment]
+        loss, metrics = fused_linear_policy_loss(
+            hidden,
+            weight,
+            completion_ids.to(hidden.device),
+            inputs.get("old_per_token_logps"),  # None: on-policy, as the unfused path
+            inputs["advantages"],
+            mask,
+            bias=bias,
+            ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            ratio_level=config.ratio_level,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            dual_clip=config.dual_clip,
+            beta_kl=float(self.beta),
+            entropy_coef=float(self.entropy_coef),
+            agg=agg,
+            max_len=max_len,
+            num_items=num_items,
+            temperature=temperature,
+            compute_entropy=True,  # the entropy metric TRL logs
+        )
+        return loss, metrics, aux_loss
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -562,29 +705,29 @@ class RiskPOTrainer(GRPOTrainer):
             completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         )
 
+        model_inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "logits_to_keep": logits_to_keep,
+            "compute_entropy": True,
+            "compute_aux_loss": self.aux_loss_enabled,
+            **{name: inputs.get(name) for name in _MODEL_INPUT_NAMES},
+        }
+        mode = "train" if self.model.training else "eval"
+        fused = None
+        if self.args.use_fused_loss:
+            fused = self._riskpo_fused_loss(model, inputs, model_inputs, mask)
+        if fused is not None:
+            loss, metrics, aux_loss = fused
+            return self._riskpo_finish_loss(loss, metrics, aux_loss, mask, mode)
+
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            logits_to_keep,
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            num_images=inputs.get("num_images"),
-            pixel_attention_mask=inputs.get("pixel_attention_mask"),
-            spatial_shapes=inputs.get("spatial_shapes"),
-            num_tiles=inputs.get("num_tiles"),
-            image_sizes=inputs.get("image_sizes"),
-            token_type_ids=inputs.get("token_type_ids"),
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-            image_position_ids=inputs.get("image_position_ids"),
+            model, **model_inputs
         )
         old_per_token_logps = inputs.get("old_per_token_logps")
         if old_per_token_logps is None:
             old_per_token_logps = per_token_logps.detach()
         ref_per_token_logps = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        mode = "train" if self.model.training else "eval"
         agg, num_items, max_len = self._riskpo_aggregation(inputs, mask, mode)
         config: RiskPOConfig = self.args  # type: ignore[assignment]
 
@@ -605,14 +748,25 @@ class RiskPOTrainer(GRPOTrainer):
             max_len=max_len,
             num_items=num_items,
         )
+        return self._riskpo_finish_loss(loss, metrics, aux_loss, mask, mode)
+
+    def _riskpo_finish_loss(
+        self,
+        loss: torch.Tensor,
+        metrics: dict[str, float],
+        aux_loss: torch.Tensor | None,
+        mask: torch.Tensor,
+        mode: str,
+    ) -> torch.Tensor:
+        """Adds the MoE auxiliary loss and logs the loss metrics (fused and unfused alike)."""
         if self.aux_loss_enabled and aux_loss is not None:
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-        self._riskpo_log_loss_metrics(mode, metrics, mask, entropies)
+        self._riskpo_log_loss_metrics(mode, metrics, mask)
         return loss
 
     def _riskpo_log_loss_metrics(
-        self, mode: str, metrics: dict[str, float], mask: torch.Tensor, entropies: torch.Tensor
+        self, mode: str, metrics: dict[str, float], mask: torch.Tensor
     ) -> None:
         """Token-weighted means over all processes, under TRL's metric names."""
         tokens = float(mask.sum())

@@ -76,6 +76,15 @@ surrogate before aggregation, as in verl. The entropy bonus and KL loss stay ver
 
 With ``RISKFAST_VERL_RATIO_LEVEL=token`` the loss equals verl's ``"vanilla"`` loss on
 the same inputs; the sequence ratio gives GSPO's value (without GSPO's clamp at 10).
+
+**Fused policy loss** :func:`compute_fused_policy_loss_riskpo`: the same loss, config
+and metrics from the LM head's inputs (``hidden_states[bs, T, H]``, ``vocab_weights[V,
+H]``, the response ``target_ids``) instead of log-probs, through
+:func:`riskfast.ops.fused_linear_policy_loss` (gradients in the same chunked pass, never
+``[bs * T, V]``). verl's registry passes log-probs to a policy loss, so this one is not
+registered: an actor that already runs verl's fused kernels (``use_fused_kernels``, which
+exposes the hidden states and the head) calls it in place of computing log-probs and
+then the registered loss.
 """
 
 from __future__ import annotations
@@ -347,37 +356,101 @@ def compute_policy_loss_riskpo(
         ``(loss, metrics)`` with ``actor/pg_clipfrac``, ``actor/ppo_kl``,
         ``actor/pg_clipfrac_lower`` (as verl's vanilla loss) and ``actor/riskpo_ratio_mean``.
     """
+    mask = response_mask.bool()
+    loss, metrics = policy_loss(
+        log_prob, old_log_prob, advantages, mask, token_weights=rollout_is_weights,
+        **_loss_options(config, loss_agg_mode, int(log_prob.shape[-1])),
+    )  # fmt: skip
+    return loss, _verl_metrics(metrics, log_prob, old_log_prob, mask)
+
+
+def compute_fused_policy_loss_riskpo(
+    hidden_states: torch.Tensor,
+    vocab_weights: torch.Tensor,
+    target_ids: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """:func:`compute_policy_loss_riskpo` from the LM head's inputs, fused (issue 15).
+
+    The entry point for a verl actor that runs its model with verl's fused kernels
+    (``use_fused_kernels``, which hands over ``hidden_states`` and the head's
+    ``vocab_weights`` instead of logits): the log-probs of ``target_ids`` under
+    ``(hidden_states @ vocab_weights.T + bias) / temperature`` and RiskPO's loss on them
+    are one call of :func:`riskfast.ops.fused_linear_policy_loss`, whose chunked pass
+    also computes the gradients of the head and the hidden states (``3 N H V``
+    multiply-adds, never ``[N, V]``). The config is read exactly as
+    :func:`compute_policy_loss_riskpo` reads it, and the loss, its gradients and the
+    metrics equal that function's on the same log-probs.
+
+    Args:
+        hidden_states: ``[bs, T, H]`` last hidden states at the positions that predict
+            the response tokens; vocab_weights: ``[V, H]``; target_ids: ``[bs, T]`` the
+            response token ids (anything on padding).
+        old_log_prob, advantages, response_mask, loss_agg_mode, config,
+            rollout_is_weights: as :func:`compute_policy_loss_riskpo`.
+        bias: ``[V]`` or None; temperature: the rollout temperature (verl divides the
+            logits by it); chunk_size: tokens per chunk (default: the op's).
+
+    Returns:
+        ``(loss, metrics, log_prob)``: the loss and metrics of
+        :func:`compute_policy_loss_riskpo`, and the ``[bs, T]`` log-probs (detached, 0
+        on padding) for what verl logs or stores beside them.
+    """
+    from ..ops import fused_linear_policy_loss
+
+    mask = response_mask.bool()
+    options = _loss_options(config, loss_agg_mode, int(target_ids.shape[-1]))
+    loss, metrics, log_prob = fused_linear_policy_loss(
+        hidden_states, vocab_weights, target_ids, old_log_prob, advantages, mask, bias=bias,
+        token_weights=rollout_is_weights, temperature=temperature, chunk_size=chunk_size,
+        return_logp=True, **options,
+    )  # fmt: skip
+    return loss, _verl_metrics(metrics, log_prob, old_log_prob, mask), log_prob
+
+
+def _loss_options(config: Any, loss_agg_mode: str, width: int) -> dict[str, Any]:
+    """The :func:`~riskfast.riskpo.policy_loss` options a verl actor config describes."""
     clip = _get(config, "clip_ratio", 0.2)
     low = _get(config, "clip_ratio_low")
     high = _get(config, "clip_ratio_high")
-    eps_low = float(clip if low is None else low)
-    eps_high = float(clip if high is None else high)
-    dual_clip = float(_get(config, "clip_ratio_c", 3.0))
     info = _get(config, "global_batch_info") or {}
-    agg, num_items, max_len = _aggregation(loss_agg_mode, info, int(log_prob.shape[-1]))
-    level = _ratio_level(config)
-    mask = response_mask.bool()
+    agg, num_items, max_len = _aggregation(loss_agg_mode, info, width)
+    return {
+        "ratio_level": _ratio_level(config),
+        "eps_low": float(clip if low is None else low),
+        "eps_high": float(clip if high is None else high),
+        "dual_clip": float(_get(config, "clip_ratio_c", 3.0)),
+        "agg": agg,
+        "max_len": max_len,
+        "num_items": num_items,
+    }
 
-    loss, metrics = policy_loss(
-        log_prob, old_log_prob, advantages, mask, ratio_level=level, eps_low=eps_low,
-        eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len, num_items=num_items,
-        token_weights=rollout_is_weights,
-    )  # fmt: skip
-    clip_frac, dual_frac, ratio_mean = (
-        metrics["clip_frac"], metrics["dual_clip_frac"], metrics["ratio_mean"]
-    )  # fmt: skip
+
+def _verl_metrics(
+    metrics: dict[str, float], log_prob: torch.Tensor, old_log_prob: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, Any]:  # fmt: skip
+    """riskfast's loss metrics under verl's names (``ppo_kl`` as verl's vanilla loss)."""
     with torch.no_grad():
         diff = torch.clamp(log_prob.detach().float() - old_log_prob.detach().float(), -20.0, 20.0)
         ppo_kl = float(
             torch.where(mask, -diff, torch.zeros_like(diff)).sum() / mask.sum().clamp_min(1)
         )
-    metrics_out = {
-        "actor/pg_clipfrac": float(clip_frac),
+    return {
+        "actor/pg_clipfrac": float(metrics["clip_frac"]),
         "actor/ppo_kl": ppo_kl,
-        "actor/pg_clipfrac_lower": float(dual_frac),
-        "actor/riskpo_ratio_mean": float(ratio_mean),
+        "actor/pg_clipfrac_lower": float(metrics["dual_clip_frac"]),
+        "actor/riskpo_ratio_mean": float(metrics["ratio_mean"]),
     }
-    return loss, metrics_out
 
 
 def _register() -> None:
@@ -403,6 +476,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATOR_NAME",
     "POLICY_LOSS_NAME",
     "RATIO_LEVEL_ENV",
+    "compute_fused_policy_loss_riskpo",
     "compute_policy_loss_riskpo",
     "compute_riskpo_outcome_advantage",
     "load_state_dict",
