@@ -5,6 +5,9 @@ pretrained in float64 for 1,000 Adam steps on a mixture of four Gaussians, a dif
 ``DDIMScheduler`` with T = 10, eta = 1 and "trailing" spacing, and the reward
 ``-||x_0 - c||^2``. Shared by the tests and the benchmarks; the pretrained weights
 are computed once per process (about 2 s) and copied for each user.
+
+Also the tiny diffusers UNets the sampler and trainer tests build from configs
+(:func:`tiny_unet2d`, :func:`tiny_unet2d_condition`; nothing downloaded).
 """
 
 from __future__ import annotations
@@ -117,4 +120,47 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
             for p in model.parameters()
             if p.requires_grad
         ]
+    )
+
+
+def tiny_unet2d(num_class_embeds: int | None = 4, attention: bool = True):
+    """A 1 x 8 x 8 class-conditional ``UNet2DModel`` (16, 32 channels), built from a config.
+
+    ``attention``: self-attention in its lower block (where LoRA adapters go); without
+    it, plain ``DownBlock2D`` / ``UpBlock2D``. The weights come from torch's global RNG
+    (seed it first).
+    """
+    from diffusers import UNet2DModel
+
+    lower = ("AttnDownBlock2D", "AttnUpBlock2D") if attention else ("DownBlock2D", "UpBlock2D")
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", lower[0]),
+        up_block_types=(lower[1], "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=num_class_embeds,
+        attention_head_dim=8,
+    )
+
+
+def tiny_unet2d_condition(cross_attention_dim: int = 16, attention_head_dim: int = 8):
+    """A 4 x 8 x 8 text-conditional ``UNet2DConditionModel`` (16, 32 channels, cross-attention
+    to ``[B, L, cross_attention_dim]`` embeddings), built from a config (seed first)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=8,
     )

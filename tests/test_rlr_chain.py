@@ -6,8 +6,9 @@ Spec ``rlr.md``, "The chain" and "The prompt technique (DCoT)".
 from __future__ import annotations
 
 import pytest
+import rlr_toy
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler
 
 from riskfast.rlr import PromptSchedule, sample_chain, step_with_logprob
 
@@ -86,17 +87,7 @@ def test_eta_zero_and_the_deterministic_last_step_have_no_density():
 
 def test_class_conditional_unet2d():
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=10,
-        norm_num_groups=8,
-    )
+    unet = rlr_toy.tiny_unet2d(num_class_embeds=10, attention=False)
     labels = torch.tensor([1, 2, 3])
     x_T = torch.randn(3, 1, 8, 8)
     chain = sample_chain(
@@ -122,18 +113,7 @@ def test_class_conditional_unet2d():
 
 def test_text_conditional_unet_with_guidance_equals_the_guidance_formula():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
+    unet = rlr_toy.tiny_unet2d_condition(cross_attention_dim=16, attention_head_dim=4)
     text, empty = torch.randn(2, 3, 16), torch.zeros(2, 3, 16)
     x_T = torch.randn(2, 4, 8, 8)
     scheduler = _scheduler(3)

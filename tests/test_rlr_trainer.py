@@ -31,7 +31,6 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
     UNet2DModel,
 )
 
@@ -58,18 +57,7 @@ def _one_thread():
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline at toy size: 4 x 8 x 8 latents, 3 x 16 x 16 images."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=EMBED_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = rlr_toy.tiny_unet2d_condition(cross_attention_dim=EMBED_DIM)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -278,18 +266,7 @@ def test_saved_adapters_load_into_a_fresh_pipeline_and_give_the_same_samples(tmp
 
 def _digit_unet() -> UNet2DModel:
     torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=4,
-        attention_head_dim=8,
-    )
+    return rlr_toy.tiny_unet2d(num_class_embeds=4)
 
 
 def _class_reward(images, labels):
@@ -419,18 +396,7 @@ def test_dcot_window_range_and_stage_conditioning():
             seen.append((int(t[0]), class_labels.tolist()))
             return self.unet(x, t, class_labels=class_labels)
 
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=11,
-        attention_head_dim=8,
-    )
+    unet = rlr_toy.tiny_unet2d(num_class_embeds=11)
     scheduler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
     trainer = RLRTrainer(
         Spy(unet),
@@ -525,3 +491,43 @@ def test_budget_of_model_evaluations_stops_training():
     assert trainer.model_evaluations >= 100
     assert trainer.model_evaluations - steps[-1]["model_evaluations"] < 100
     assert math.isfinite(steps[-1]["reward_mean"])
+
+
+def test_a_unet_scheduler_and_vae_set_trains_as_its_pipeline():
+    # The same model given as parts (a bare UNet2DConditionModel, scheduler=, vae=,
+    # prompt_embeds=) and as a StableDiffusionPipeline: the same steps, bit for bit.
+    parts = tiny_pipeline()
+    by_parts = RLRTrainer(
+        parts.unet,
+        brightness_reward,
+        _config(max_steps=2, eval_samples=2),
+        scheduler=parts.scheduler,
+        vae=parts.vae,
+        prompt_embeds=PROMPT_EMBEDS,
+    )
+    by_pipeline = _trainer(_config(max_steps=2, eval_samples=2))
+    assert by_parts.pipeline is None and by_parts.vae is parts.vae
+    history = by_parts.train()
+    reference = by_pipeline.train()
+    assert [r["reward_mean"] for r in history if r["kind"] == "train"] == [
+        r["reward_mean"] for r in reference if r["kind"] == "train"
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(_trainable(by_parts), _trainable(by_pipeline)))
+    assert by_parts.evaluate()["eval/reward_mean"] == by_pipeline.evaluate()["eval/reward_mean"]
+
+
+def test_the_progress_bar_shows_the_reward(capsys):
+    trainer = _trainer(_config(max_steps=2, progress=True))
+    history = trainer.train()
+    shown = capsys.readouterr().err
+    last = [r for r in history if r["kind"] == "train"][-1]
+    assert "riskfast rlr" in shown and "2/2" in shown
+    assert f"reward={last['reward_mean']:.3f}" in shown
+    assert f"evals={trainer.model_evaluations}" in shown
+    # With a budget of denoiser evaluations the bar counts evaluations, not steps.
+    budgeted = _trainer(
+        _config(max_steps=100, max_model_evaluations=60, progress=True, rlr=RLRConfig("draft"))
+    )
+    budgeted.train()
+    shown = capsys.readouterr().err
+    assert "riskfast draft" in shown and "60.0/60.0" in shown

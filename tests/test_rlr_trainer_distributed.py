@@ -29,24 +29,14 @@ STEPS = 2
 
 def _setting(world: int, batch_size: int) -> Any:
     """``(trainer)`` built the same way on every rank and in the one-process reference."""
-    from diffusers import DDIMScheduler, UNet2DModel
+    import rlr_toy
+    from diffusers import DDIMScheduler
 
     from riskfast.rlr import RLRConfig, RLRTrainer, TrainerConfig
 
     torch.set_default_dtype(torch.float64)  # float64 throughout, LoRA adapters included
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=4,
-        attention_head_dim=8,
-    )
+    unet = rlr_toy.tiny_unet2d(num_class_embeds=4)
     scheduler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
 
     def reward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
