@@ -15,6 +15,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .demo.study import run_study
+
+    run_study(args)
+    return 0
+
+
 def _rlr_demo(args: argparse.Namespace) -> int:
     from .demo.rlr_demo import run_rlr_demo
 
@@ -83,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rlr_demo_arguments(rlr)
     rlr.set_defaults(run=_rlr_demo)
+    study = commands.add_parser(
+        "study",
+        help="GRPO vs RiskPO presets over seeds: one warm start per seed, each arm's learning "
+        "rate tuned on a validation split, mean and 95%% interval on a test split",
+        description="Run (or resume) a multi-seed comparison of GRPO and RiskPO presets on the "
+        "demo's task: one shared warm start per seed, the same budget of sampled completions "
+        "for every arm, each arm's learning rate picked on its own grid by a validation split, "
+        "the report (table.md, curves.csv, summary.json, report.png) on a separate test split. "
+        "Run again with the same --out to resume an interrupted study.",
+    )
+    from .demo.study import add_study_arguments
+
+    add_study_arguments(study)
+    study.set_defaults(run=_study)
     _add_explain(commands)
     info = commands.add_parser("info", help="versions and how the extension was built")
     info.set_defaults(run=_info)

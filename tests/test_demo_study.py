@@ -1,0 +1,243 @@
+"""The demo's presets and options (``riskfast demo --preset``) and the multi-seed study
+(``riskfast study``) on a tiny budget, including the resume of an interrupted study."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from riskfast.cli import main
+from riskfast.demo.presets import BUILTIN, PRESETS, RISKPO_KEYS, TRAINING_KEYS, preset_values
+
+
+def _demo_args(argv: list[str]) -> argparse.Namespace:
+    from riskfast.demo.train import _resolve, add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return _resolve(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_sets_every_option_and_the_command_line_wins(name: str) -> None:
+    preset = PRESETS[name]
+    assert set(preset.riskpo) <= set(RISKPO_KEYS) and set(preset.training) <= set(TRAINING_KEYS)
+    args = _demo_args(["--preset", name])
+    assert args.preset == name
+    assert args.options == {**BUILTIN, **preset.riskpo, **preset.training} == preset_values(name)
+    args = _demo_args(["--preset", name, "--beta", "0.85", "--credit", "score",
+                       "--no-natural-baseline", "--updates-per-rollout", "1", "--dual-clip", "none"])
+    assert args.options["beta"] == 0.85 and args.options["credit"] == "score"
+    assert args.options["natural_baseline"] is False
+    assert args.options["updates_per_rollout"] == 1 and args.options["dual_clip"] == 0.0
+    assert args.options["form"] == preset_values(name)["form"]
+
+
+def test_official_presets_match_the_official_scripts() -> None:
+    math_ = preset_values("official-math")
+    assert (math_["form"], math_["alpha"], math_["beta"], math_["w_mix"], math_["credit"]) == (
+        "reference_code", 0.2, 0.9, 1.5, "std")
+    assert math_["natural_baseline"] and not math_["center"] and math_["bundle_size"] == 5
+    assert (math_["updates_per_rollout"], math_["dual_clip"], math_["weight_decay"]) == (2, 3.0, 0.01)
+    hard = preset_values("official-hard-math")
+    assert (hard["beta"], hard["credit"], hard["natural_baseline"], hard["updates_per_rollout"]) == (
+        0.8, "sum_mean", False, 4)
+    paper = preset_values("paper")
+    assert (paper["form"], paper["alpha"], paper["beta"], paper["omega"], paper["center"]) == (
+        "paper", 0.2, 0.8, 0.5, False)
+
+
+def test_quick_leaves_options_given_on_the_command_line() -> None:
+    args = _demo_args(["--quick", "--steps", "3", "--warm-target", "0.3"])
+    assert (args.steps, args.model_size, args.warm_target) == (3, "tiny", 0.3)
+    args = _demo_args(["--quick"])
+    assert (args.steps, args.warm_target) == (40, None)
+    args = _demo_args([])
+    assert (args.steps, args.model_size, args.warm_target) == (300, "small", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--beta", "1.5"], "beta"),
+        (["--alpha", "0.9", "--beta", "0.8"], "alpha"),
+        (["--form", "reference_code", "--alpha", "0"], "alpha"),
+        (["--bundle-size", "0"], "bundle-size"),
+        (["--estimator", "foo"], "estimator"),
+        (["--dual-clip", "0.5"], "dual-clip"),
+        (["--updates-per-rollout", "0"], "updates-per-rollout"),
+        (["--updates-per-rollout", "3"], "updates-per-rollout"),  # 80 completions
+        (["--tracker-gamma", "0"], "tracker-gamma"),
+        (["--weight-decay", "-1"], "weight-decay"),
+        (["--riskpo-lr", "0"], "riskpo-lr"),
+        (["--grpo-lr=-1e-3"], "grpo-lr"),
+        (["--steps", "0"], "steps"),
+        (["--grpo-trainer", "trl", "--dual-clip", "3"], "grpo-trainer"),
+    ],
+)
+def test_demo_bad_option_is_named(argv: list[str], flag: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *argv, "--out", str(tmp_path / "out"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"riskfast demo: error: {flag}:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_preset_is_named() -> None:
+    with pytest.raises(ValueError, match="^preset: must be one of"):
+        preset_values("official")
+    with pytest.raises(SystemExit):
+        _demo_args(["--preset", "official"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_runs_in_quick(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    pytest.importorskip("trl", reason="the demo trains through TRL: pip install 'riskfast[trl]'")
+    from riskfast.demo.train import run_training
+
+    cache = tmp_path_factory.getbasetemp() / "preset_warm_start.pt"  # shared by the presets
+    out = tmp_path_factory.mktemp(name)
+    argv = ["--quick", "--preset", name, "--method", "riskpo", "--steps", "2", "--warm-steps", "10",
+            "--eval-questions", "8", "--eval-every", "1", "--no-plot", "--out", str(out),
+            "--device", "cpu", "--warm-start", str(cache)]
+    args = _parser().parse_args(argv)
+    summary = run_training(args)
+    row = summary["methods"]["riskpo"]
+    assert row["preset"] == name
+    assert row["riskpo_options"] == {k: preset_values(name)[k] for k in RISKPO_KEYS}
+    assert row["training"] == {k: preset_values(name)[k] for k in TRAINING_KEYS}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [1, 2]  # one line per rollout, whatever the updates
+    assert all(math.isfinite(x["reward_mean"]) for x in train)
+    machine = summary["environment"]
+    assert machine["threads"] == 1 and machine["torch"] and machine["cpu"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from riskfast.demo.train import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------- the study
+
+
+def test_t_interval() -> None:
+    from riskfast.demo.study import t_interval
+
+    stats = t_interval([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0
+    assert stats["high"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
+    assert stats["low"] == pytest.approx(2.0 - 4.303 / math.sqrt(3))
+    assert t_interval([0.5])["low"] is None
+
+
+STUDY_ARGV = ["study", "--quick", "--seeds", "0", "1", "--arms", "grpo", "paper", "official-math",
+              "--lr-grid", "official-math=1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    pytest.importorskip("trl", reason="the study trains through TRL: pip install 'riskfast[trl]'")
+    out = tmp_path_factory.mktemp("study") / "out"
+    assert main([*STUDY_ARGV, "--out", str(out)]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_study_table_has_every_field(tiny_study: tuple[Path, dict[str, Any]]) -> None:
+    from riskfast.demo.study import METRICS, TABLE_FIELDS
+
+    out, summary = tiny_study
+    assert [row["arm"] for row in summary["table"]] == ["warm start", "grpo", "paper", "official-math"]
+    for row in summary["table"] + summary["differences_vs_grpo"] + summary["differences_vs_warm_start"]:
+        assert set(TABLE_FIELDS) <= set(row), row["arm"]
+        assert row["seeds"] == [0, 1]
+        for metric in METRICS:
+            stats = row[metric]
+            assert len(stats["values"]) == 2 and all(math.isfinite(v) for v in stats["values"])
+            assert stats["low"] <= stats["mean"] <= stats["high"]
+    assert [row["arm"] for row in summary["differences_vs_grpo"]] == ["paper - grpo",
+                                                                      "official-math - grpo"]
+    # each arm's learning rate comes from its own grid, picked per seed on validation
+    assert summary["grids"] == {"grpo": [3e-4, 1e-3], "paper": [3e-4, 1e-3], "official-math": [1e-3]}
+    for arm, per_seed in summary["selected"].items():
+        assert set(per_seed) == {"0", "1"}
+        assert all(v["lr"] in summary["grids"][arm] for v in per_seed.values())
+    assert len(summary["runs"]) == 2 * (2 + 2 + 1)
+    for run in summary["runs"]:
+        assert set(run["val"]) >= set(METRICS) and set(run["test"]) >= set(METRICS)
+    machine = summary["machine"]
+    assert machine["cpu"] and machine["torch"] and machine["threads"] == 1
+    table = (out / "table.md").read_text()
+    assert all(f"| {arm} |" in table for arm in ("warm start", "grpo", "paper", "official-math"))
+    assert "pass@16" in table and "entropy" in table
+    assert (out / "report.png").stat().st_size > 10_000
+    with (out / "curves.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["arm"] for r in rows} == {"grpo", "paper", "official-math"}
+    assert {r["kind"] for r in rows} == {"train", "eval"}
+    steps = summary["config"]["steps"]
+    evals = sorted({int(r["step"]) for r in rows if r["kind"] == "eval"})
+    assert evals[0] == 0 and evals[-1] == steps
+
+
+def test_study_resumes_an_interrupted_study(tiny_study: tuple[Path, dict[str, Any]],
+                                            tmp_path: Path) -> None:
+    out, summary = tiny_study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # Interrupted: the last seed's official-math run died midway, no summary written yet.
+    run = copy / "seed1" / "official-math" / "lr0.001"
+    (run / "result.json").unlink()
+    (run / "metrics.jsonl").write_text('{"partial": true}\n')
+    for name in ("summary.json", "table.md", "curves.csv", "report.png"):
+        (copy / name).unlink()
+    kept = copy / "seed0" / "grpo" / "lr0.001" / "result.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    assert main([*STUDY_ARGV, "--out", str(copy), "--no-plot"]) == 0
+    resumed = json.loads((copy / "summary.json").read_text())
+    assert kept.stat().st_mtime_ns == kept_mtime  # finished runs are not trained again
+    assert resumed["table"] == summary["table"]  # the retrained run is bitwise the same
+    assert resumed["selected"] == summary["selected"]
+    assert (copy / "table.md").read_text() == (out / "table.md").read_text()
+
+
+def test_study_refuses_other_settings_in_the_same_folder(
+    tiny_study: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = tiny_study
+    assert main([*STUDY_ARGV, "--out", str(out), "--steps", "4", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "out:" in err and "steps" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--arms", "grpo", "nope"], "arms"),
+        (["--arms", "grpo", "grpo"], "arms"),
+        (["--seeds", "0", "0"], "seeds"),
+        (["--lr-grid", "official-math=1e-3"], "lr-grid"),  # not one of the arms
+        (["--lr-grid", "grpo=0"], "lr-grid"),
+        (["--steps", "0"], "steps"),
+        (["--updates-per-rollout", "3"], "updates-per-rollout"),
+        (["--val-questions", "0"], "val-questions"),
+    ],
+)
+def test_study_bad_option_is_named(argv: list[str], flag: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["study", "--quick", "--arms", "grpo", "paper", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"riskfast study: error: {flag}:"), err
+    assert not out.exists()
