@@ -82,11 +82,13 @@ from .reference import fused_linear_logprobs_reference
 
 __all__ = ["fused_linear_policy_loss"]
 
-_TORCH_CHUNK_BYTES = 32 << 20
+_TORCH_CHUNK_BYTES = 16 << 20
 """The torch path's ``[chunk, V]`` fp32 buffers are kept near this size by default (two
-live at once): small enough that the peak stays far below the plain loss's, large
-enough that each chunk's matmuls run at full speed on a shared 2-core CPU, where every
-chunk's parallel regions cost thread synchronisation (``benchmarks/RESULTS.md``)."""
+live at once): small enough that the working memory stays under a quarter of the plain
+loss's at the issue's shape, large enough that each chunk's matmuls run at full speed
+(131 tokens at ``V = 32,000``: 3% slower than 262 there, within the noise of the shared
+machine; 64 tokens split 128-token responses into the sequence ratio's two passes).
+``benchmarks/RESULTS.md``, issue 15."""
 
 
 # --------------------------------------------------------------------------------------
@@ -555,7 +557,7 @@ def fused_linear_policy_loss(
         compute_entropy: also report the mean entropy (``metrics["entropy"]``); implied
             by ``entropy_coef != 0``. Costs one more pass over each chunk's logits.
         return_logp: also return the ``[N, T]`` log-probs (detached; 0 off the response).
-        chunk_size: response tokens per chunk, ``>= 1``; default: two 32 MiB fp32
+        chunk_size: response tokens per chunk, ``>= 1``; default: two 16 MiB fp32
             buffers on the torch path, 1 GiB of buffers on the Triton path. With
             ``ratio_level="sequence"`` a response longer than this takes two passes.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (module doc).
