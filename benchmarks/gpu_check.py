@@ -22,7 +22,13 @@ Steps:
    backward's gradient matmuls (``tl.dot`` / cuBLAS) and, when ``liger_kernel`` is
    importable, Liger's fused linear cross-entropy with ``reduction="none"`` (whose
    per-token loss is ``-logp``; also checked against ours), the public fused
-   implementation the spec's target names; then the bundle-advantages kernel; then
+   implementation the spec's target names; the fused linear policy loss (issue 15,
+   forward + backward of the token- and sequence-ratio clipped loss; the floor is
+   ``6 N H V`` flops, its gradients being computed in the forward's one pass) beside
+   the dense loss, riskfast's unfused ``fused_linear_logprobs`` + ``policy_loss`` and
+   Liger's ``LigerFusedLinearGRPOLoss`` (eager and, without ``--no-compile``, its
+   default compiled form; values checked against ours); then the bundle-advantages
+   kernel; then
    (unless ``--no-sweep``) tile sweeps at the largest shapes: BLOCK_V of the selective
    kernels and the fused op's logit-tile configuration, for the next tuning step; last,
    the bundle-advantages launch and the sync-free ``advantages(group_size=16,
@@ -61,6 +67,8 @@ GPU_SHAPES = {
     "selective": [(4096, 32000), (16384, 151936)],
     "fused": [(4096, 2048, 32000), (8192, 4096, 128256)],
     "advantages": [512, 4096],  # questions, 16 responses each, bundles of 5
+    # fused linear policy loss (issue 15): the fused shapes as (responses, tokens, H, V)
+    "policy_loss": [(8, 512, 2048, 32000), (16, 512, 4096, 128256)],
     # RLR (spec/kernels.md): latents (B, 4, 64, 64) and (B, 4, 128, 128) with B = 8, and
     # B = 64 to see the bandwidth-bound regime; parameters: flat 1M and 860M, and the
     # tensor lists of LoRA r=4 on SD 1.5's attention and of SD 1.5's UNet; element
@@ -73,6 +81,7 @@ DRY_RUN_SHAPES = {
     "selective": [(48, 1000)],
     "fused": [(48, 64, 1000)],
     "advantages": [16],
+    "policy_loss": [(3, 16, 64, 1000)],
     "rlr_latents": [(2, 4, 8, 8)],
     "rlr_param_divisor": 10_000,
     "rlr_normal_numel": 4096,
@@ -96,6 +105,7 @@ BUNDLE_TARGET_S = 20e-6  # spec/kernels.md: < 20 us at N = 65,536 on an H100
 TEST_FILES = [
     "tests/test_ops_logprobs.py",
     "tests/test_ops_logprob_oracle.py",
+    "tests/test_ops_fused_policy_loss.py",
     "tests/test_kernel_bundle_advantages.py",
     "tests/test_riskpo_host_sync.py",
     "tests/test_ops_noise_cuda.py",
@@ -332,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         accumulate_noise_,
         fused_linear_logprobs,
         fused_linear_logprobs_reference,
+        fused_linear_policy_loss,
         philox_normal,
         selective_logprobs,
         selective_logprobs_reference,
@@ -342,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     from riskfast.ops.logprobs import _load_kernels
     from riskfast.ops.transition import transition_log_prob_reference
     from riskfast.riskpo import advantages as riskpo_advantages
+    from riskfast.riskpo import policy_loss
     from riskfast.riskpo.bundling import consecutive_layout, draw_bundling, member_response_table
 
     fused_kernels = _load_kernels().fused_linear_logprobs
@@ -558,6 +570,96 @@ def main(argv: list[str] | None = None) -> int:
                 )
             finally:
                 fused_kernels.MATMUL_BACKEND = "triton"
+
+    liger_grpo = None
+    if not args.no_liger:
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss as liger_grpo
+        except ImportError as err:
+            print(f"liger_kernel GRPO loss not importable ({err}): no Liger rows", flush=True)
+
+    def run_policy_loss(b: int, t: int, h: int, v: int, level: str) -> None:
+        """Forward + backward of the clipped loss from hidden states; floor 6NHV flops.
+
+        ``fused_linear_policy_loss`` computes its gradients in the forward's pass (the
+        backward only scales them), so only the forward + backward row is comparable.
+        """
+        hidden = torch.randn(b, t, h, device=dev, generator=gen).to(dtype)
+        weight = (torch.randn(v, h, device=dev, generator=gen) * h**-0.5 * 2).to(dtype)
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+        targets = torch.randint(0, v, (b, t), device=dev, generator=gen)
+        mask = torch.ones(b, t, dtype=torch.bool, device=dev)
+        advantages = torch.randn(b, device=dev, generator=gen)
+        with torch.no_grad():
+            logp0 = fused_linear_logprobs(hidden.view(b * t, h), weight, targets.view(-1))
+        old_logp = logp0.view(b, t).float() + 0.1 * torch.randn(
+            b, t, device=dev, generator=gen
+        )
+        options = {"ratio_level": level, "eps_low": 0.2, "eps_high": 0.2, "agg": "token-mean"}
+        shape = f"B={b} T={t} H={h} V={v} {dtype_name} {level}"
+        flop = 6 * b * t * h * v
+
+        def fused():
+            return fused_linear_policy_loss(
+                hidden, weight, targets, old_logp, advantages, mask, backend="triton", **options
+            )[0]
+
+        def unfused():
+            logp = fused_linear_logprobs(hidden.view(b * t, h), weight, targets.view(-1))
+            return policy_loss(logp.view(b, t), old_logp, advantages, mask, **options)[0]
+
+        def dense():
+            logits = (hidden.view(b * t, h) @ weight.T).float()
+            logp = torch.log_softmax(logits, -1).gather(1, targets.view(-1, 1))
+            return policy_loss(logp.view(b, t), old_logp, advantages, mask, **options)[0]
+
+        variants: list[tuple[str, Callable[[], torch.Tensor]]] = [
+            ("triton fused", fused),
+            ("riskfast unfused (logprobs + policy_loss)", unfused),
+            ("reference (dense logits + policy_loss)", dense),
+        ]
+        if liger_grpo is not None:
+            for compiled in (False, True) if not args.no_compile else (False,):
+                module = liger_grpo(
+                    beta=0.0, compiled=compiled, use_ref_model=False, epsilon_low=0.2,
+                    epsilon_high=0.2, loss_type="dapo", importance_sampling_level=level,
+                )  # fmt: skip
+
+                def liger_loss(module=module):
+                    return module(
+                        hidden, weight, targets, mask.long(), advantages,
+                        old_per_token_logps=old_logp,
+                    )[0]  # fmt: skip
+
+                label = "liger GRPO loss" + (" (compiled)" if compiled else " (eager)")
+                variants.append((label, liger_loss))
+        with torch.no_grad():
+            want = float(fused())
+        for variant, forward in variants:
+            try:
+                with torch.no_grad():
+                    got = float(forward())
+                if not abs(got - want) <= 2e-2 * max(1.0, abs(want)):
+                    failures.append(f"policy loss {shape} {variant}: {got} vs fused {want}")
+
+                def both(forward=forward):
+                    return torch.autograd.grad(forward(), (hidden, weight))
+
+                ms = timer.ms(both)
+                table.add(
+                    "policy loss fwd+bwd",
+                    shape,
+                    variant,
+                    ms,
+                    _rate(flop, ms, "TFLOP/s"),
+                    matrix_floor_ms(flop) / ms,
+                    timer.peak_extra_mib(both),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"policy loss {shape} {variant}: FAILED {type(err).__name__}: {err}")
+                failures.append(f"policy loss {shape} {variant}")
+            timer.empty_cache()
 
     def bundle_case(questions: int) -> tuple[torch.Tensor, Callable[[], object]]:
         """Rewards of ``questions`` x 16 responses and the bare kernel launch on them
@@ -1009,6 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
         run_selective(n, v)
     for n, h, v in shapes["fused"]:
         run_fused(n, h, v)
+    for i, (b, t, h, v) in enumerate(shapes["policy_loss"]):
+        for level in ("token", "sequence") if i == 0 else ("token",):
+            run_policy_loss(b, t, h, v, level)
     for questions in shapes["advantages"]:
         run_advantages(questions)
     check_rlr_stream(shapes["rlr_normal_numel"] // 16)
@@ -1033,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
     caption = (
         f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
         f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
-        f"bwd counts 6NHV; bundle advantages: 20 us target / measured); measured copy "
+        f"bwd counts 6NHV, policy loss fwd+bwd 6NHV; bundle advantages: 20 us target / measured); measured copy "
         f"{copy_bw / 1e12:.2f} TB/s"
     )
     print(f"\n{caption}\n{table.markdown()}")

@@ -45,7 +45,11 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
     expected |= {(f"sweep selective {step}", f"BLOCK_V={b}")
                  for step in ("fwd", "bwd") for b in (2048, 4096, 8192, 16384)}
     expected |= {(f"sweep fused {step}", "64x256x64 w8 s3") for step in ("fwd", "bwd")}
+    expected |= {("policy loss fwd+bwd", v) for v in
+                 ("triton fused", "riskfast unfused (logprobs + policy_loss)",
+                  "reference (dense logits + policy_loss)")}
     if importlib.util.find_spec("liger_kernel") is not None:
+        expected.add(("policy loss fwd+bwd", "liger GRPO loss (eager)"))
         expected |= {(f"fused {step}", "liger FLCE (reduction=none)")
                      for step in ("fwd", "bwd", "fwd+bwd")}
         assert "liger vs riskfast log-probs" in done.stdout, report
