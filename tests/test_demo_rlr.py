@@ -118,3 +118,30 @@ def test_bad_options_name_the_option(tmp_path) -> None:
         code = main(["demo", "rlr", "--no-plot", "--out", str(tmp_path), *argv])
         assert code == 2, argv
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_seed_aggregates_against_scipy() -> None:
+    from scipy import stats
+
+    from riskfast.demo.rlr_demo import SUMMARY_METHOD_FIELDS, _aggregate
+
+    fields = [f for f in SUMMARY_METHOD_FIELDS if f != "per_seed"]
+    finals = {0: -1.25, 1: -0.5, 2: -2.0, 5: -0.75}
+    runs = {
+        seed: {**{f: float(seed) for f in fields}, "final_reward_mean": value, "steps": 7}
+        for seed, value in finals.items()
+    }
+    row = _aggregate(runs)
+    values = list(finals.values())
+    n = len(values)
+    half = stats.t.ppf(0.975, n - 1) * stats.tstd(values) / math.sqrt(n)
+    assert row["final_reward_mean"] == pytest.approx(sum(values) / n)
+    assert row["final_reward_seed_std"] == pytest.approx(stats.tstd(values))
+    assert row["final_reward_mean_ci95"] == pytest.approx(half, rel=1e-5)
+    seeds = [float(s) for s in finals]
+    assert row["final_hit_rate_ci95"] == pytest.approx(
+        stats.t.ppf(0.975, n - 1) * stats.tstd(seeds) / math.sqrt(n), rel=1e-5
+    )
+    assert row["steps"] == 7 and list(row["per_seed"]) == ["0", "1", "2", "5"]
+    one = _aggregate({0: runs[0]})
+    assert one["final_reward_mean_ci95"] is None and one["final_reward_seed_std"] is None

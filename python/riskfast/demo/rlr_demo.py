@@ -96,7 +96,10 @@ SUMMARY_METHOD_FIELDS = (
 evaluation samples, averaged over seeds; ``per_seed`` holds each seed's values).
 ``reward_auc``: the mean evaluation reward over the evaluation points after the start
 (the area under the reward curve per unit of budget: how fast the reward rose), the
-criterion of the learning-rate grid. ``data_distance_*``: the mean L2 distance from each
+criterion of the learning-rate grid. Besides these, ``final_reward_seed_std`` and
+``final_hit_rate_seed_std`` (std over seeds) and ``final_reward_mean_ci95``,
+``final_hit_rate_ci95``, ``reward_per_model_evaluation_ci95`` (half-width of the 95%
+t-interval of the mean over seeds; None for one seed). ``data_distance_*``: the mean L2 distance from each
 evaluation sample to its nearest real digit (how far the samples left the data)."""
 
 QUICK = {
@@ -470,8 +473,27 @@ def _spread(values: Sequence[float | None]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+# Student's t quantile 0.975 for 1..30 degrees of freedom (beyond: the normal's 1.96).
+_T975 = (
+    12.70620, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814,
+    2.20099, 2.17881, 2.16037, 2.14479, 2.13145, 2.11991, 2.10982, 2.10092, 2.09302, 2.08596,
+    2.07961, 2.07387, 2.06866, 2.06390, 2.05954, 2.05553, 2.05183, 2.04841, 2.04523, 2.04227,
+)  # fmt: skip
+
+
+def _ci95(values: Sequence[float | None]) -> float | None:
+    """Half-width of the 95% t-interval of the mean over seeds (None for one seed)."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    df = len(values) - 1
+    quantile = _T975[df - 1] if df <= len(_T975) else 1.96
+    return quantile * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def _aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds, the spread of the seeds' final reward and hit rate, per-seed rows."""
+    """Means over seeds, the spread of the seeds' final reward and hit rate (standard
+    deviation, and the half-width of the mean's 95% t-interval), per-seed rows."""
     rows = [runs[s] for s in sorted(runs)]
     keep = [f for f in SUMMARY_METHOD_FIELDS if f != "per_seed"]
     out: dict[str, Any] = {field: _mean([r[field] for r in rows]) for field in keep}
@@ -481,6 +503,8 @@ def _aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             out[field] = values.pop()
     out["final_reward_seed_std"] = _spread([r["final_reward_mean"] for r in rows])
     out["final_hit_rate_seed_std"] = _spread([r["final_hit_rate"] for r in rows])
+    for field in ("final_reward_mean", "final_hit_rate", "reward_per_model_evaluation"):
+        out[f"{field}_ci95"] = _ci95([r[field] for r in rows])
     out["per_seed"] = {str(seed): {f: runs[seed][f] for f in keep} for seed in sorted(runs)}
     return out
 
