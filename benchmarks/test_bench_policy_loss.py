@@ -28,7 +28,9 @@ The machine is shared, so the variants are timed **interleaved in one process**:
 test per shape and ratio runs ``rounds`` rounds, each timing every variant once (the
 order rotates between rounds); the benchmark's own row is the time of a whole round,
 and ``extra_info`` holds each variant's median and its ratio to ``dense``, printed
-with ``-s``, and the median over rounds of the ratio to ``dense`` *within* a round
+with ``-s``, its median CPU time (``time.process_time``: with one thread, the time the
+process actually ran, less sensitive to other jobs than the wall clock), and the median
+over rounds of the ratio to ``dense`` *within* a round
 (variants timed next to each other share the machine's load), beside its peak extra
 memory, measured in a fresh subprocess per variant (``VmHWM`` reset through
 ``/proc/self/clear_refs``, minus ``VmRSS`` just before the call, inputs built). The
@@ -207,13 +209,15 @@ def test_bench_policy_loss_fwd_bwd_interleaved(benchmark, label: str, level: str
     for name, value in values.items():
         assert abs(value - values["dense"]) <= 1e-4 * max(1.0, abs(values["dense"])), values
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     order = list(VARIANTS)
 
     def one_round() -> None:
         for name in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _step(x, fns[name])
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
         order.append(order.pop(0))  # rotate: no variant always runs first
 
     load_before = _load()
@@ -239,16 +243,20 @@ def test_bench_policy_loss_fwd_bwd_interleaved(benchmark, label: str, level: str
     lines = [header]
     for name in VARIANTS:
         median = statistics.median(times[name])
+        cpu_median = statistics.median(cpu[name])
         peak, working = peak_extra_mib(name, label, level)
         info[f"{name}: median_s"] = round(median, 4)
+        info[f"{name}: cpu_median_s"] = round(cpu_median, 4)
+        info[f"{name}: cpu_vs_dense"] = round(cpu_median / statistics.median(cpu["dense"]), 3)
         info[f"{name}: vs_dense"] = round(median / dense, 3)
         info[f"{name}: vs_dense_per_round"] = round(ratios[name], 3)
         info[f"{name}: peak_extra_MiB"] = round(peak, 1)
         info[f"{name}: working_MiB"] = round(working, 1)
         lines.append(
             f"  {name:17s} {median:8.3f} s  ({median / dense:.2f}x dense, per round "
-            f"{ratios[name]:.2f}x)  peak extra {peak:6.0f} MiB, without the gradients "
-            f"{working:6.0f} MiB  all {[round(s, 3) for s in times[name]]}"
+            f"{ratios[name]:.2f}x)  CPU time {cpu_median:7.3f} s "
+            f"({info[f'{name}: cpu_vs_dense']:.2f}x)  peak extra {peak:6.0f} MiB, without "
+            f"the gradients {working:6.0f} MiB  all {[round(s, 3) for s in times[name]]}"
         )
     print("\n".join(lines))
 
