@@ -55,12 +55,16 @@ def test_official_presets_match_the_official_scripts() -> None:
 
 
 def test_quick_leaves_options_given_on_the_command_line() -> None:
+    from riskfast.demo.train import DEFAULT_PRESET, DEMO_LR
+
     args = _demo_args(["--quick", "--steps", "3", "--warm-target", "0.3"])
     assert (args.steps, args.model_size, args.warm_target) == (3, "tiny", 0.3)
     args = _demo_args(["--quick"])
     assert (args.steps, args.warm_target) == (40, None)
     args = _demo_args([])
-    assert (args.steps, args.model_size, args.warm_target) == (300, "small", 0.5)
+    assert (args.steps, args.model_size, args.warm_target, args.prompts_per_step) == (
+        150, "mini", 0.4, 100)
+    assert (args.grpo_lr, args.riskpo_lr) == (DEMO_LR["grpo"], DEMO_LR[DEFAULT_PRESET])
 
 
 @pytest.mark.parametrize(
@@ -241,3 +245,30 @@ def test_study_bad_option_is_named(argv: list[str], flag: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith(f"riskfast study: error: {flag}:"), err
     assert not out.exists()
+
+
+def test_demo_reproduces_a_study_run(tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """``riskfast demo`` with a study's settings trains the study's run bit for bit (same
+    warm start, rollouts and evaluations on one machine), for both arms."""
+    from riskfast.demo.study import QUICK
+    from riskfast.demo.train import run_training
+
+    _, summary = tiny_study
+    settings = ["--seed", "0", "--steps", str(QUICK["steps"]), "--model-size", QUICK["model_size"],
+                "--max-digits", str(QUICK["max_digits"]), "--warm-steps", str(QUICK["warm_steps"]),
+                "--warm-batch", str(QUICK["warm_batch"]), "--warm-lr", str(QUICK["warm_lr"]),
+                "--warm-target", str(QUICK["warm_target"]),
+                "--prompts-per-step", str(QUICK["prompts_per_step"]),
+                "--group-size", str(QUICK["group_size"]), "--eval-every", str(QUICK["eval_every"]),
+                "--eval-questions", str(QUICK["test_questions"]), "--device", "cpu", "--no-plot",
+                "--preset", "paper", "--grpo-lr", "1e-3", "--riskpo-lr", "3e-4",
+                *(f"--{k.replace('_', '-')}={v}" for k, v in summary["config"]["training"].items()),
+                "--out", str(tmp_path / "demo")]
+    demo = run_training(_parser().parse_args(settings))
+    study_runs = {(r["seed"], r["arm"], r["lr"]): r for r in summary["runs"]}
+    for method, arm, lr in (("grpo", "grpo", 1e-3), ("riskpo", "paper", 3e-4)):
+        expected = study_runs[(0, arm, lr)]["test"]
+        got = demo["methods"][method]
+        assert got["pass@k"] == {k[len("pass@"):]: v for k, v in expected.items()
+                                 if k.startswith("pass@")}, method
+        assert got["final_entropy"] == expected["entropy"], method

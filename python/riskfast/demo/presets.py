@@ -21,8 +21,9 @@ github.com/RTkenny/RiskPO, read at commit 65ec40c):
     form ``A = -(1 + omega)(a - z)+ + g(z, a, b)`` with ``alpha = 0.2``, ``beta = 0.8``,
     ``omega = 0.5``, bundles of ``B = 5`` random questions, per-bundle empirical
     quantiles, advantages divided by the bundle's score std, no centring, uniform
-    credit, and the paper's length-normalised sequence-level ratio. The paper gives no
-    training knobs of its own beyond these; the demo's defaults are used.
+    credit, and the paper's length-normalised sequence-level ratio. The paper's runs are
+    the official scripts', so its training knobs are ``official-math``'s (2 updates per
+    rollout, dual clip 3, weight decay 0.01, gradient clip 1).
 
 ``official-math``
     ``scripts/run_qwen2.5_1.5b_MVaR_math.sh`` (MATH + GSM8K, Qwen2.5-1.5B-Instruct):
@@ -145,7 +146,7 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(
         "paper",
         "the paper's Mixed-VaR (alpha .2, beta .8, omega .5, B 5), uniform credit, "
-        "sequence ratio",
+        "sequence ratio; the official training knobs",
         riskpo={
             "estimator": "mvar",
             "form": "paper",
@@ -161,6 +162,7 @@ PRESETS: dict[str, Preset] = {
             "shuffle_bundles": True,
             "ratio_level": "sequence",
         },
+        training=dict(_OFFICIAL_TRAINING),
     ),
     "official-math": Preset(
         "official-math",

@@ -3,8 +3,8 @@
 What it does, on the embedded defaults (no download, CPU or CUDA):
 
 1. builds the reversed-digit addition task (:mod:`riskfast.demo.task`): a character
-   tokenizer, a small Qwen2 model from a config, training / validation / held-out
-   test questions of 1 to 4 digits;
+   tokenizer, a small Qwen2 model from a config (``mini``, 133k parameters), training /
+   validation / held-out test questions of 1 to 3 digits;
 2. warm-starts the model by supervised training until it solves part of the task
    (sampled validation accuracy reaches ``--warm-target``, or ``--warm-steps``);
 3. from that same start, trains each method by RL through TRL with
@@ -19,18 +19,21 @@ What it does, on the embedded defaults (no download, CPU or CUDA):
 
 Both arms share the prompts, group size, seeds and every training knob (updates per
 rollout, weight decay, dual clip, gradient clip, loss aggregation); each has its own
-learning rate (``--grpo-lr``, ``--riskpo-lr``, or ``--lr`` for both). The RiskPO arm's
-options come from a named preset (``--preset``, :mod:`riskfast.demo.presets`: the
+learning rate (``--grpo-lr``, ``--riskpo-lr``, or ``--lr`` for both; by default the
+rate ``riskfast study`` selected for it, :data:`DEMO_LR`). The defaults are one seed of
+the README's study (150 steps of 100 prompts x G = 8, i.e. 20 bundles of 5 per step).
+The RiskPO arm's options come from a named preset (``--preset``, :mod:`riskfast.demo.presets`: the
 paper's configuration or the official scripts'), and each can be overridden on the
 command line. The summary records every arm's options and the machine it ran on. One
 seed says little: ``riskfast study`` (:mod:`riskfast.demo.study`) compares arms over
 seeds with each arm's learning rate tuned on a validation split.
 
-Reproducibility: the run is a function of the seed and the settings *on one machine
-with one thread count*. ``--threads`` (default 1) pins torch's intra-op threads,
-because a different thread count splits float32 reductions differently, and sampling
-turns those last-bit differences into different rollouts (the README's section on
-reproducibility gives the measurements).
+Reproducibility: on one machine a run is a function of the seed and the settings, bit
+for bit. Across machines it is not: another CPU (its vector instruction set, the BLAS
+kernels MKL picks for it) or another torch build changes float32 results in the last
+bits, and sampling turns those into other rollouts. ``--threads`` (default 1) pins
+torch's intra-op threads so the thread count cannot add to this; the README's section on
+reproducibility gives the measurements.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ SUMMARY_METHOD_FIELDS = (
 
 QUICK = {
     "steps": 40,
+    "prompts_per_step": 10,
     "model_size": "tiny",
     "max_digits": 2,
     "warm_steps": 600,
@@ -123,18 +127,26 @@ QUICK = {
 option given on the command line wins over it (``--quick --steps 5``)."""
 
 DEFAULTS = {
-    "steps": 300,
-    "model_size": "small",
-    "max_digits": 4,
+    "steps": 150,
+    "prompts_per_step": 100,
+    "model_size": "mini",
+    "max_digits": 3,
     "warm_steps": 800,
     "warm_batch": 256,
-    "warm_lr": 2e-3,
-    "warm_target": 0.5,
+    "warm_lr": 3e-3,
+    "warm_target": 0.4,
     "eval_questions": 200,
-    "eval_every": 50,
+    "eval_every": 25,
 }
 """The demo's defaults of the options :data:`QUICK` changes (the parser leaves them unset,
-so that an option given with ``--quick`` wins)."""
+so that an option given with ``--quick`` wins): one seed of ``riskfast study``'s
+configuration (the README's study), so ``riskfast demo --seed S`` retrains that study's
+runs of seed S bit for bit on one machine."""
+
+DEMO_LR = {"grpo": 3e-4, "paper": 3e-4, "official-math": 3e-4, "official-hard-math": 3e-4}
+"""Each arm's default learning rate: the rate ``riskfast study`` selected on validation
+(README, "GRPO vs RiskPO over seeds"); official-hard-math was not in the study and takes
+official-math's."""
 
 _UNSET: Any = object()
 """Parser default of ``--warm-target``, whose ``None`` (never stop) is a legal value."""
@@ -220,33 +232,37 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--preset", choices=sorted(PRESETS), default=None,
         help=f"RiskPO arm and training configuration (default {DEFAULT_PRESET}): "
         + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
-    add("--steps", type=int, default=None, help="RL steps (rollouts) per method (default 300)")
+    add("--steps", type=int, default=None, help="RL steps (rollouts) per method (default 150)")
     add("--seed", type=int, default=0, help="seed of task, model, warm start and RL (default 0)")
     add("--out", type=Path, default=Path("riskfast_out/demo"),
         help="output folder (default riskfast_out/demo)")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     add("--model-size", choices=("tiny", "mini", "small", "medium"), default=None,
-        help="model size (default small, ~1M parameters)")
+        help="model size (default mini, 133k parameters)")
     add("--group-size", type=int, default=8, help="completions per prompt, G (default 8)")
-    add("--prompts-per-step", type=int, default=10, help="prompts per RL step (default 10)")
-    add("--lr", type=float, default=1e-4, help="RL learning rate of both arms (default 1e-4)")
+    add("--prompts-per-step", type=int, default=None,
+        help="prompts per RL step (default 100: 20 bundles of 5)")
+    add("--lr", type=float, default=None,
+        help="RL learning rate of both arms (default: each arm's rate selected by riskfast "
+        "study: " + ", ".join(f"{k} {v:g}" for k, v in DEMO_LR.items()) + ")")
     add("--grpo-lr", type=float, default=None, help="GRPO arm's learning rate (default --lr)")
     add("--riskpo-lr", type=float, default=None, help="RiskPO arm's learning rate (default --lr)")
     add("--grpo-trainer", choices=("riskpo", "trl"), default="riskpo",
         help="GRPO arm through RiskPOTrainer(estimator='grpo') or TRL's GRPOTrainer")
     add("--warm-steps", type=int, default=None, help="max supervised warm-start steps (default 800)")
     add("--warm-batch", type=int, default=None, help="warm-start batch size (default 256)")
-    add("--warm-lr", type=float, default=None, help="warm-start learning rate (default 2e-3)")
+    add("--warm-lr", type=float, default=None, help="warm-start learning rate (default 3e-3)")
     add("--warm-target", type=float, default=_UNSET,
-        help="stop the warm start at this sampled validation pass@1 (default 0.5; > 1: never)")
+        help="stop the warm start at this sampled validation pass@1 (default 0.4; > 1: never)")
     add("--warm-start", type=Path, default=None,
         help="reuse the warm start saved in this file when its settings match (else train "
         "and save it there); every run also saves OUT/warm_start.pt")
-    add("--max-digits", type=int, default=None, help="hardest level, digits (default 4)")
+    add("--max-digits", type=int, default=None, help="hardest level, digits (default 3)")
     add("--eval-questions", type=int, default=None, help="held-out questions (default 200)")
-    add("--eval-every", type=int, default=None, help="RL steps between evaluations (default 50)")
+    add("--eval-every", type=int, default=None, help="RL steps between evaluations (default 25)")
     add("--threads", type=int, default=1,
-        help="torch intra-op CPU threads (default 1: results depend on the thread count)")
+        help="torch intra-op CPU threads (default 1: steadiest on a shared machine; 1 and 2 "
+        "threads gave bitwise-equal runs on the development machine, see the README)")
     add("--no-plot", action="store_true", help="skip report.png")
     add("--quick", action="store_true",
         help="a smoke run in < 2 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
@@ -346,10 +362,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.preset is None:
         args.preset = DEFAULT_PRESET
     args.options = resolve_options(args, args.preset)
-    args.grpo_lr = args.lr if args.grpo_lr is None else args.grpo_lr
-    args.riskpo_lr = args.lr if args.riskpo_lr is None else args.riskpo_lr
+    if args.grpo_lr is None:
+        args.grpo_lr = DEMO_LR["grpo"] if args.lr is None else args.lr
+    if args.riskpo_lr is None:
+        args.riskpo_lr = DEMO_LR[args.preset] if args.lr is None else args.lr
     for name in ("lr", "grpo_lr", "riskpo_lr"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
     if args.grpo_trainer == "trl" and args.method != "riskpo":
         unsupported = [k for k in ("dual_clip", "kl_coef") if args.options[k] != BUILTIN[k]]
@@ -359,7 +377,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(
                 f"grpo-trainer: the TRL GRPOTrainer arm is run with TRL's own loss; "
                 f"{', '.join(k.replace('_', '-') for k in unsupported)} would not reach it: "
-                "use --grpo-trainer riskpo"
+                "use --grpo-trainer riskpo, or turn them off (--dual-clip 0, --kl-coef 0, "
+                "--loss-type dapo)"
             )
     return args
 
@@ -713,6 +732,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        # the vector instruction set torch's CPU kernels dispatch to (AVX2, AVX512, ...):
+        # another one changes float32 results in the last bits, hence the rollouts
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas,
         "mkl": torch.backends.mkl.is_available(),
         "mkldnn": torch.backends.mkldnn.is_available(),
@@ -721,7 +743,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": str(device) if device is not None else None,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR",
-                                            "ONEDNN_DEFAULT_FPMATH_MODE") if k in os.environ},
+                                            "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+                                            "ONEDNN_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE")
+                if k in os.environ},
     }
     for name in ("transformers", "trl", "numpy"):
         try:
