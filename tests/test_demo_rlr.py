@@ -145,3 +145,19 @@ def test_seed_aggregates_against_scipy() -> None:
     assert row["steps"] == 7 and list(row["per_seed"]) == ["0", "1", "2", "5"]
     one = _aggregate({0: runs[0]})
     assert one["final_reward_mean_ci95"] is None and one["final_reward_seed_std"] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_memory_of_each_run_counts_memory_a_previous_run_freed() -> None:
+    from riskfast.demo.rlr_demo import _PeakMemory
+
+    # 2 x 16 MiB, half in large blocks (mmap) and half in small ones (glibc's heap, which
+    # keeps freed pages unless they are trimmed): every repeat must see both halves.
+    expected = 32.0
+    for _ in range(3):
+        memory = _PeakMemory(torch.device("cpu"))
+        with memory:
+            large = [torch.ones(1024, 1024) for _ in range(4)]
+            small = [torch.ones(64, 64) for _ in range(1024)]
+            del large, small
+        assert memory.mib is None or memory.mib >= 0.9 * expected

@@ -308,9 +308,21 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
+def _release_free_memory() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim``), so that memory a
+    previous run freed does not hide this run's peak; a no-op where that is unavailable."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak extra memory of a block: CUDA's allocator peak, or on Linux the resident set's
-    high-water mark (reset through ``/proc/self/clear_refs``) minus the resident set before."""
+    high-water mark (reset through ``/proc/self/clear_refs``) minus the resident set before,
+    after the free heap pages are returned to the OS (``malloc_trim``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -321,6 +333,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_memory()
             try:
                 with open("/proc/self/clear_refs", "w") as handle:
                     handle.write("5")
