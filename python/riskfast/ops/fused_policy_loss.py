@@ -31,8 +31,10 @@ Cost in multiply-adds (``N H V`` counts every response token once):
 For comparison, the plain loss (``[N, V]`` logits, ``log_softmax``, autograd) does
 ``3 N H V`` with ``[N, V]`` buffers, and ``fused_linear_logprobs`` followed by
 :func:`~riskfast.riskpo.policy_loss` does ``4 N H V`` (its backward recomputes the
-logits). Peak extra memory here: the chunk's buffers (two ``[chunk, V]`` fp32 tensors on
-the torch path; fp32 logits plus their gradient in the input dtype on the Triton path),
+logits). Peak extra memory here: the chunk's buffers (on the torch path one fp32
+``[chunk, V]`` tensor, turned into the logits' gradient in place, two with an entropy
+gradient, plus ``[rows, V]`` temporaries of 4 MiB; fp32 logits plus their gradient in
+the input dtype on the Triton path),
 the ``[V, H]`` fp32 accumulator of ``grad_weight`` (held from the forward to the
 backward) and ``grad_hidden``; ``O(N T)`` for the per-token values.
 
@@ -82,13 +84,17 @@ from .reference import fused_linear_logprobs_reference
 
 __all__ = ["fused_linear_policy_loss"]
 
-_TORCH_CHUNK_BYTES = 16 << 20
-"""The torch path's ``[chunk, V]`` fp32 buffers are kept near this size by default (two
-live at once): small enough that the working memory stays under a quarter of the plain
-loss's at the issue's shape, large enough that each chunk's matmuls run at full speed
-(131 tokens at ``V = 32,000``: 3% slower than 262 there, within the noise of the shared
-machine; 64 tokens split 128-token responses into the sequence ratio's two passes).
-``benchmarks/RESULTS.md``, issue 15."""
+_TORCH_CHUNK_BYTES = 32 << 20
+"""The torch path's ``[chunk, V]`` buffers hold about this much by default: one buffer
+(the logits, turned into their gradient in place) without an entropy gradient, two with
+it. Each chunk's two matmuls with the weight read the whole ``[V, H]`` matrix again, so
+fewer, bigger chunks are faster on a CPU: at the issue's shape (``V = 32,000``) 262
+tokens per chunk took 0.98x the dense loss's CPU time, 131 tokens 1.025x, 512 tokens
+0.99x (one thread, interleaved; ``benchmarks/RESULTS.md``, issue 15)."""
+
+_ROW_BLOCK_BYTES = 4 << 20
+"""Temporaries of the log-sum-exp and the entropy are taken over this many bytes of
+rows at a time, so that they add ``[rows, V]``, not a second ``[chunk, V]`` buffer."""
 
 
 # --------------------------------------------------------------------------------------
@@ -116,8 +122,9 @@ class _TorchChunks:
         self.bias = None if bias is None else bias.to(self.dtype)
         self.inv_temperature = inv_temperature
 
-    def default_chunk(self, n: int, v: int) -> int:
-        return max(1, _TORCH_CHUNK_BYTES // (4 * max(v, 1)))
+    def default_chunk(self, n: int, v: int, entropy_grad: bool) -> int:
+        buffers = 2 if entropy_grad else 1
+        return max(1, _TORCH_CHUNK_BYTES // (buffers * 4 * max(v, 1)))
 
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(self.dtype)
@@ -131,7 +138,8 @@ class _TorchChunks:
 
     def stats(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
         z = self.logits(h)
-        logp, lse, entropy = _chunk_stats(z, targets, with_entropy)
+        row_block = max(1, _ROW_BLOCK_BYTES // (z.element_size() * max(z.shape[1], 1)))
+        logp, lse, entropy = _chunk_stats(z, targets, with_entropy, row_block=row_block)
         # With the entropy, _chunk_stats leaves log p = z - lse in z (its buffer is
         # reused, no third [C, V] tensor): _chunk_dlogits then subtracts 0.
         return logp, lse, entropy, _ChunkState(z, torch.zeros_like(lse) if with_entropy else lse)
@@ -183,7 +191,7 @@ class _TritonChunks:
         self.weight, self.bias, self.inv_temperature = weight, bias, inv_temperature
         self.dtype = torch.float32
 
-    def default_chunk(self, n: int, v: int) -> int:
+    def default_chunk(self, n: int, v: int, entropy_grad: bool) -> int:
         return self.kernels.default_policy_chunk_size(n, v, self.weight.element_size())
 
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -304,7 +312,9 @@ def _run(plan: _Plan, hidden, weight, bias, needs: tuple[bool, bool, bool]):
     starts = [0]
     for length in plan.lengths:
         starts.append(starts[-1] + length)
-    chunk = plan.chunk_size or impl.default_chunk(int(positions.shape[0]), weight.shape[0])
+    chunk = plan.chunk_size or impl.default_chunk(
+        int(positions.shape[0]), weight.shape[0], plan.entropy_grad
+    )
 
     def block_grads(
         rows: torch.Tensor | slice,
@@ -557,8 +567,9 @@ def fused_linear_policy_loss(
         compute_entropy: also report the mean entropy (``metrics["entropy"]``); implied
             by ``entropy_coef != 0``. Costs one more pass over each chunk's logits.
         return_logp: also return the ``[N, T]`` log-probs (detached; 0 off the response).
-        chunk_size: response tokens per chunk, ``>= 1``; default: two 16 MiB fp32
-            buffers on the torch path, 1 GiB of buffers on the Triton path. With
+        chunk_size: response tokens per chunk, ``>= 1``; default: 32 MiB of fp32
+            buffers on the torch path (one buffer, two with ``entropy_coef != 0``),
+            1 GiB of buffers on the Triton path. With
             ``ratio_level="sequence"`` a response longer than this takes two passes.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (module doc).
 

@@ -114,22 +114,28 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunk_stats(
-    z: torch.Tensor, targets: torch.Tensor, with_entropy: bool
+    z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, row_block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(logp, lse, entropy or None)`` per row of scaled logits ``z[C, V]`` (fp32/fp64).
 
-    Overwrites ``z`` (only when ``with_entropy``); at most one more ``[C, V]`` buffer.
+    Overwrites ``z`` (only when ``with_entropy``); at most one more ``[C, V]`` buffer, or
+    one ``[row_block, V]`` buffer when ``row_block`` is given (the same values, the
+    log-sum-exp and the entropy taken ``row_block`` rows at a time).
     """
-    lse = torch.logsumexp(z, dim=-1)
+    rows = [slice(0, z.shape[0])]
+    if row_block is not None and z.shape[0] > 0:
+        rows = [slice(i, i + row_block) for i in range(0, z.shape[0], row_block)]
+    lse = torch.cat([torch.logsumexp(z[r], dim=-1) for r in rows])
     logp = (z.gather(1, targets[:, None].long()).squeeze(1) - lse).clamp_(max=0.0)
     if not with_entropy:
         return logp, lse, None
     # clamp: a -inf logit has p = 0; keep 0 * log p finite
     log_p = z.sub_(lse[:, None]).clamp_(min=torch.finfo(z.dtype).min)
-    p = log_p.exp()
     # entropy = -sum_j p_j log p_j, as a batched dot product (no [C, V] product buffer)
-    entropy = torch.bmm(p[:, None, :], log_p[:, :, None]).view(-1).neg_().clamp_(min=0.0)
-    return logp, lse, entropy
+    entropy = torch.cat(
+        [torch.bmm(log_p[r].exp()[:, None, :], log_p[r, :, None]).view(-1) for r in rows]
+    )
+    return logp, lse, entropy.neg_().clamp_(min=0.0)
 
 
 def _chunk_dlogits(
@@ -144,19 +150,19 @@ def _chunk_dlogits(
     """``dlogits[C, V] = dz / temperature`` of the chunk (formula in the module doc).
 
     ``dz_j = -g_H p_j (log p_j + H) - g p_j + g 1[j = target]``. Overwrites ``z``;
-    allocates one more ``[C, V]`` tensor; returns one of the two.
+    with an entropy gradient allocates one more ``[C, V]`` tensor, without it none;
+    returns one of the two.
     """
     g = (grad_logp * inv_temperature)[:, None]
     log_p = z.sub_(lse[:, None])
-    p = log_p.exp()
     if grad_entropy is None or entropy is None:
-        dz = p.mul_(-g)
-    else:
-        # p_j (log p_j + H) before g_H: it is bounded (|p log p| <= 1/e, p H <= H), so the
-        # product with g_H cannot overflow. A -inf logit (or one so low that p_j = 0)
-        # has its log p_j clamped to the lowest finite value, so 0 * log p_j stays 0.
-        dz = log_p.clamp_(min=torch.finfo(z.dtype).min).add_(entropy[:, None]).mul_(p)
-        dz.mul_(-(grad_entropy * inv_temperature)[:, None]).addcmul_(p, g, value=-1.0)
+        return log_p.exp_().mul_(-g).scatter_add_(1, targets[:, None].long(), g.to(z.dtype))
+    p = log_p.exp()
+    # p_j (log p_j + H) before g_H: it is bounded (|p log p| <= 1/e, p H <= H), so the
+    # product with g_H cannot overflow. A -inf logit (or one so low that p_j = 0)
+    # has its log p_j clamped to the lowest finite value, so 0 * log p_j stays 0.
+    dz = log_p.clamp_(min=torch.finfo(z.dtype).min).add_(entropy[:, None]).mul_(p)
+    dz.mul_(-(grad_entropy * inv_temperature)[:, None]).addcmul_(p, g, value=-1.0)
     return dz.scatter_add_(1, targets[:, None].long(), g.to(dz.dtype))
 
 
