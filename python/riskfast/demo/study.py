@@ -20,8 +20,11 @@ again with the same ``--out`` skips what is finished (a run interrupted midway r
 from its warm start), so an interrupted study resumes and a finished one only rebuilds
 its report. Settings that change results are stored in ``OUT/study_config.json``; a
 second run with other settings in the same folder is refused (seeds, arms and grids may
-grow). Results depend on the thread count (``--threads``, default 1) and the machine:
-``summary.json`` records both.
+grow). On one machine the results are bit for bit a function of the settings (the
+thread count is one of them, ``--threads``, default 1, though 1 and 2 threads gave equal
+bits on the development machine); across machines they are not (another CPU instruction
+set or BLAS code path changes the bits, then the rollouts): ``summary.json`` records
+the machine.
 
 Outputs: ``summary.json`` (configuration, machine, every run, the selection, the table's
 numbers), ``table.md``, ``curves.csv`` (every evaluation and training step of the
