@@ -531,3 +531,100 @@ def test_the_progress_bar_shows_the_reward(capsys):
     budgeted.train()
     shown = capsys.readouterr().err
     assert "riskfast draft" in shown and "60.0/60.0" in shown
+
+
+def _tiny_text_encoder(tmp_path):
+    """A CLIP tokenizer over letters (vocabulary and merges written here) and a one-layer
+    ``CLIPTextModel`` whose hidden size is the UNet's cross-attention width."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=6
+    )
+    torch.manual_seed(3)
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokens),
+            hidden_size=EMBED_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=6,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    return tokenizer, encoder
+
+
+def _length_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    target = torch.tensor([len(p) / 10.0 - 0.25 for p in prompts], dtype=images.dtype)
+    return -(images.mean(dim=(1, 2, 3)) - target).square()
+
+
+def test_string_prompts_through_a_text_encoder_given_as_parts_or_in_a_pipeline(tmp_path):
+    # Strings encoded by a bare set's text_encoder= and tokenizer= equal diffusers'
+    # StableDiffusionPipeline.encode_prompt on the same components, and train the same.
+    tokenizer, encoder = _tiny_text_encoder(tmp_path)
+    prompts = ["a cat", "dog", "a red fox"]
+    parts, whole = tiny_pipeline(), tiny_pipeline()
+    whole.text_encoder, whole.tokenizer = copy.deepcopy(encoder), tokenizer
+    by_parts = RLRTrainer(
+        parts.unet,
+        _length_reward,
+        _config(max_steps=2, eval_samples=2),
+        scheduler=parts.scheduler,
+        vae=parts.vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        prompts=prompts,
+    )
+    by_pipeline = RLRTrainer(
+        whole, _length_reward, _config(max_steps=2, eval_samples=2), prompts=prompts
+    )
+    expected = whole.encode_prompt(prompts, torch.device("cpu"), 1, False)[0]
+    assert by_parts.pool.shape == (3, 6, EMBED_DIM)
+    assert torch.equal(by_parts.pool, expected) and torch.equal(by_pipeline.pool, expected)
+    history, reference = by_parts.train(), by_pipeline.train()
+    assert [r["reward_mean"] for r in history if r["kind"] == "train"] == [
+        r["reward_mean"] for r in reference if r["kind"] == "train"
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(_trainable(by_parts), _trainable(by_pipeline)))
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_text_encoder_arguments_are_checked_before_anything_changes(tmp_path):
+    tokenizer, encoder = _tiny_text_encoder(tmp_path)
+    pipe = tiny_pipeline()
+    cases = [
+        ({"text_encoder": encoder}, ValueError, "^tokenizer: give text_encoder and tokenizer"),
+        ({"tokenizer": tokenizer}, ValueError, "^text_encoder: give text_encoder and tokenizer"),
+        ({"text_encoder": object(), "tokenizer": tokenizer}, TypeError, "^text_encoder: expected"),
+        ({"text_encoder": encoder, "tokenizer": 3}, TypeError, "^tokenizer: expected"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            RLRTrainer(
+                pipe.unet,
+                _length_reward,
+                _config(),
+                scheduler=pipe.scheduler,
+                prompts=["a cat"],
+                **kwargs,
+            )
+    with pytest.raises(ValueError, match="^text_encoder: only with a bare UNet"):
+        RLRTrainer(
+            pipe,
+            _length_reward,
+            _config(),
+            text_encoder=encoder,
+            tokenizer=tokenizer,
+            prompts=["a"],
+        )
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert not getattr(pipe.unet, "peft_config", None)

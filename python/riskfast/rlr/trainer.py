@@ -343,7 +343,12 @@ class RLRTrainer:
         config: :class:`TrainerConfig`.
         scheduler: required with a bare UNet; overrides the pipeline's otherwise.
         vae: a latent model's decoder (overrides the pipeline's).
-        prompts: a list of strings (encoded once by the pipeline's text encoder), or
+        text_encoder, tokenizer: with a bare UNet, the text encoder (e.g. a
+            ``CLIPTextModel``) and its tokenizer that encode string ``prompts`` as Stable
+            Diffusion's ``encode_prompt`` does (padded to ``tokenizer.model_max_length``,
+            the encoder's last hidden state); give both or neither. A pipeline uses its
+            own ``encode_prompt``.
+        prompts: a list of strings (encoded once by the text encoder), or
         prompt_embeds: ``[P, L, D]`` text embeddings (``encoder_hidden_states``), or
         class_labels: ``[P]`` class ids (a ``UNet2DModel`` with class embeddings); the
             pool from which every chain draws its prompt uniformly. None of them: an
@@ -370,6 +375,8 @@ class RLRTrainer:
         *,
         scheduler: Any = None,
         vae: Any = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
         prompts: Sequence[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         class_labels: Sequence[int] | torch.Tensor | None = None,
@@ -405,10 +412,24 @@ class RLRTrainer:
             isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts
         ):
             raise TypeError("prompts: expected a non-empty list of strings")
-        if kind == "prompts" and not hasattr(model, "encode_prompt"):
+        if (text_encoder is None) != (tokenizer is None):
+            missing = "tokenizer" if tokenizer is None else "text_encoder"
+            raise ValueError(f"{missing}: give text_encoder and tokenizer together")
+        if text_encoder is not None:
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(
+                    "text_encoder: only with a bare UNet (a pipeline encodes with its own)"
+                )
+            if not isinstance(text_encoder, torch.nn.Module):
+                raise TypeError(
+                    f"text_encoder: expected a torch module, got {type(text_encoder).__name__}"
+                )
+            if not callable(tokenizer):
+                raise TypeError(f"tokenizer: expected a tokenizer, got {type(tokenizer).__name__}")
+        if kind == "prompts" and not hasattr(model, "encode_prompt") and text_encoder is None:
             raise ValueError(
-                "prompts: strings need a pipeline with encode_prompt (a text encoder); "
-                "give prompt_embeds instead"
+                "prompts: strings need a pipeline with encode_prompt, or text_encoder and "
+                "tokenizer with a bare UNet; or give prompt_embeds instead"
             )
         if config.rlr.guidance_scale != 1.0 and kind in ("prompt_embeds", "class_labels"):
             missing = "negative_prompt_embeds" if kind == "prompt_embeds" else "uncond_class_label"
@@ -444,6 +465,7 @@ class RLRTrainer:
         # The prompts (encoded once), DCoT's stages and the estimator's config: checked
         # before the model changes.
         self.pipeline = None if isinstance(model, torch.nn.Module) else model
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.prompt_kind = kind
         self.prompt_texts = list(prompts) if kind == "prompts" else None
         self.pool, self.pool_size = self._prompt_pool(kind, prompts, prompt_embeds, class_labels)
@@ -470,8 +492,11 @@ class RLRTrainer:
         if vae is not None:
             vae.requires_grad_(False)
             vae.to(self.device).eval()
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(model, name, None)
+        for encoder in (
+            text_encoder,
+            getattr(model, "text_encoder", None),
+            getattr(model, "text_encoder_2", None),
+        ):
             if isinstance(encoder, torch.nn.Module):
                 encoder.requires_grad_(False)
         if config.finetune == "lora":
@@ -585,8 +610,30 @@ class RLRTrainer:
         return labels.to(torch.long).to(self.device), labels.numel()
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """``[P, L, D]`` text embeddings of ``prompts``: the pipeline's ``encode_prompt``,
+        or, for a bare UNet, the last hidden state of ``text_encoder`` on the prompts
+        padded and truncated to ``tokenizer.model_max_length`` (what Stable Diffusion's
+        ``encode_prompt`` computes without LoRA scaling or clip skip)."""
         with torch.no_grad():
-            embeds = self.pipeline.encode_prompt(prompts, self.device, 1, False)[0]
+            if self.pipeline is not None:
+                embeds = self.pipeline.encode_prompt(prompts, self.device, 1, False)[0]
+            else:
+                tokens = self.tokenizer(
+                    prompts,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                config = getattr(self.text_encoder, "config", None)
+                mask = (
+                    tokens.attention_mask if getattr(config, "use_attention_mask", False) else None
+                )
+                device = next(self.text_encoder.parameters()).device
+                embeds = self.text_encoder(
+                    tokens.input_ids.to(device),
+                    attention_mask=None if mask is None else mask.to(device),
+                )[0].to(self.device)
         return embeds.detach()
 
     def _uncond(self, kind: str | None, negative: Any, uncond_label: Any) -> Any:
