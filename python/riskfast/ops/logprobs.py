@@ -12,7 +12,12 @@ temperature``), ``p = softmax(z)`` and ``lse = logsumexp(z)``:
 
 A ``-inf`` logit (or bias entry) is a masked vocabulary entry: ``p_j = 0``, it adds
 nothing to the entropy (``0 log 0 = 0``) and gets a zero gradient, on every backend.
-Each row needs one finite logit at least; ``+inf`` and NaN logits are not supported.
+Each row needs one finite logit at least; ``+inf`` and NaN logits are not supported
+and not detected: the logits (and ``hidden``/``weight`` of the fused op) are not scanned,
+because a scan would add a full pass over ``[N, V]``. What such a row gets is undefined
+and differs by backend (NaN, or ``-inf`` log-prob with a NaN gradient entry); other rows
+are unaffected. Check ``torch.isfinite(logits).all()`` yourself where a model can
+overflow (fp16 logits).
 
 Backends (``backend=``):
 
