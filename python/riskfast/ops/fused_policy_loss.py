@@ -63,15 +63,14 @@ import torch
 
 from .._checks import (
     require_bool,
-    require_floating,
     require_int,
     require_integer,
-    require_ndim,
     require_same_device,
     require_same_shape,
     require_tensor,
 )
 from .logprobs import (
+    _check_output_layer,
     _check_temperature,
     _chunk_dlogits,
     _chunk_stats,
@@ -587,33 +586,9 @@ def fused_linear_policy_loss(
     """
     from ..riskpo.loss import PolicyLossOptions, check_token_inputs, policy_loss
 
-    hidden = require_tensor("hidden", hidden)
-    weight = require_tensor("weight", weight)
-    require_floating("hidden", hidden)
-    require_floating("weight", weight)
-    require_ndim("hidden", hidden, 3, "[N, T, H]")
-    require_ndim("weight", weight, 2, "[V, H]")
-    n, t, h_dim = hidden.shape
+    hidden, weight, bias = _check_output_layer(hidden, weight, bias, "[N, T, H]")
+    n, t, _ = hidden.shape
     v = weight.shape[0]
-    if weight.shape[1] != h_dim:
-        raise ValueError(
-            f"weight: expected shape [V, {h_dim}] to match hidden {tuple(hidden.shape)}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if v < 1:
-        raise ValueError("weight: the vocabulary dimension V must be >= 1, got 0")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} does not match hidden {hidden.dtype}")
-    require_same_device("weight", weight, "hidden", hidden)
-    if bias is not None:
-        bias = require_tensor("bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} does not match hidden {hidden.dtype}")
-        if bias.shape != (v,):
-            raise ValueError(
-                f"bias: expected shape ({v},) to match weight, got {tuple(bias.shape)}"
-            )
-        require_same_device("bias", bias, "hidden", hidden)
     targets = require_tensor("targets", targets)
     require_integer("targets", targets)
     if targets.shape != (n, t):

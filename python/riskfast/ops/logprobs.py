@@ -105,6 +105,37 @@ def _check_targets(targets: Any, n: int, v: int, ref_name: str, ref: torch.Tenso
     return targets
 
 
+
+def _check_output_layer(hidden: Any, weight: Any, bias: Any, hidden_shape: str) -> tuple:
+    """Check ``hidden`` (``hidden_shape``, e.g. ``"[N, H]"``; its last dimension is H),
+    ``weight[V, H]`` (``V >= 1``) and ``bias[V]`` or ``None``: floating tensors of one
+    dtype on one device. Returns them; errors name the argument."""
+    hidden = require_tensor("hidden", hidden)
+    weight = require_tensor("weight", weight)
+    require_floating("hidden", hidden)
+    require_floating("weight", weight)
+    require_ndim("hidden", hidden, hidden_shape.count(",") + 1, hidden_shape)
+    require_ndim("weight", weight, 2, "[V, H]")
+    h_dim, v = hidden.shape[-1], weight.shape[0]
+    if weight.shape[1] != h_dim:
+        raise ValueError(
+            f"weight: expected shape [V, {h_dim}] to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if v < 1:
+        raise ValueError("weight: the vocabulary dimension V must be >= 1, got 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match hidden {hidden.dtype}")
+    require_same_device("weight", weight, "hidden", hidden)
+    if bias is not None:
+        bias = require_tensor("bias", bias)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} does not match hidden {hidden.dtype}")
+        if bias.shape != (v,):
+            raise ValueError(f"bias: expected shape ({v},) to match weight, got {tuple(bias.shape)}")
+        require_same_device("bias", bias, "hidden", hidden)
+    return hidden, weight, bias
+
 def _check_temperature(temperature: Any) -> float:
     return require_number("temperature", temperature, low=0.0, low_open=True)
 
@@ -483,31 +514,8 @@ def fused_linear_logprobs(
         ``logp[N]`` (fp32; float64 for float64 inputs), or ``(logp, entropy)``;
         differentiable with respect to ``hidden``, ``weight`` and ``bias``.
     """
-    hidden = require_tensor("hidden", hidden)
-    weight = require_tensor("weight", weight)
-    require_floating("hidden", hidden)
-    require_floating("weight", weight)
-    require_ndim("hidden", hidden, 2, "[N, H]")
-    require_ndim("weight", weight, 2, "[V, H]")
-    n, h_dim = hidden.shape
-    v = weight.shape[0]
-    if weight.shape[1] != h_dim:
-        raise ValueError(
-            f"weight: expected shape [V, {h_dim}] to match hidden {tuple(hidden.shape)}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if v < 1:
-        raise ValueError("weight: the vocabulary dimension V must be >= 1, got 0")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} does not match hidden {hidden.dtype}")
-    require_same_device("weight", weight, "hidden", hidden)
-    if bias is not None:
-        bias = require_tensor("bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} does not match hidden {hidden.dtype}")
-        if bias.shape != (v,):
-            raise ValueError(f"bias: expected shape ({v},) to match weight, got {tuple(bias.shape)}")
-        require_same_device("bias", bias, "hidden", hidden)
+    hidden, weight, bias = _check_output_layer(hidden, weight, bias, "[N, H]")
+    n, v = hidden.shape[0], weight.shape[0]
     targets = _check_targets(targets, n, v, "hidden", hidden)
     temperature = _check_temperature(temperature)
     return_entropy = require_bool("return_entropy", return_entropy)
