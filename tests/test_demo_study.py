@@ -272,3 +272,17 @@ def test_demo_reproduces_a_study_run(tiny_study: tuple[Path, dict[str, Any]], tm
         assert got["pass@k"] == {k[len("pass@"):]: v for k, v in expected.items()
                                  if k.startswith("pass@")}, method
         assert got["final_entropy"] == expected["entropy"], method
+
+
+def test_every_demo_asks_for_matplotlib_before_training(monkeypatch):
+    # One check serves riskfast demo, riskfast demo rlr and riskfast study; with
+    # matplotlib missing it names the fix, and --no-plot needs no matplotlib.
+    import sys
+
+    from riskfast.demo import _plot, rlr_demo, study, train
+
+    assert train.require_matplotlib is rlr_demo.require_matplotlib is study.require_matplotlib
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"^report\.png needs matplotlib .*pass --no-plot$"):
+        _plot.require_matplotlib(False)
+    assert _plot.require_matplotlib(True) is None

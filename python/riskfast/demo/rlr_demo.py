@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ._plot import require_matplotlib
 from .rlr_digits import (
     NULL_CLASS,
     DigitClassifier,
@@ -652,13 +653,7 @@ def run_rlr_demo(args: argparse.Namespace) -> dict[str, Any]:
             f"the RLR demo needs diffusers, peft and scikit-learn ({err}); "
             "pip install 'riskfast[diffusion]'"
         ) from err
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                f"report.png needs matplotlib ({err}); pip install matplotlib, or pass --no-plot"
-            ) from err
+    require_matplotlib(args.no_plot)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {args.device!r} requested but CUDA is not available")
     threads = torch.get_num_threads()

@@ -46,6 +46,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._plot import require_matplotlib
 from .presets import PRESETS, TRAINING_KEYS, preset_values
 from .train import KS, WARM_START_KEYS
 
@@ -552,13 +553,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     from ..integrations import trl as _trl  # noqa: F401 - raises a clear ImportError
     from .train import machine_info
 
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                f"report.png needs matplotlib ({err}); pip install matplotlib, or pass --no-plot"
-            ) from err
+    require_matplotlib(args.no_plot)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from ._plot import require_matplotlib
 from .presets import BUILTIN, PRESETS, RISKPO_KEYS, TRAINING_KEYS, preset_values
 from .task import (
     Evaluation,
@@ -931,13 +932,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     # Fail before the warm start, not after it, when an optional dependency is missing.
     from ..integrations import trl as _trl  # noqa: F401 - raises a clear ImportError
 
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                f"report.png needs matplotlib ({err}); pip install matplotlib, or pass --no-plot"
-            ) from err
+    require_matplotlib(args.no_plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
