@@ -130,13 +130,25 @@ ForwardFn<scalar_t> forward_loop() {
   return &loops_base::forward_chunk<PRED, scalar_t>;
 }
 
+// The backward loop for inputs of scalar_t and the wanted gradients (bits 0, 1, 2:
+// x_prev, x_t, model_output; at least one set): for float32 a loop per set of wanted
+// gradients, writing straight to the outputs (transition_cpu_loops.h).
 template <int PRED, typename scalar_t>
-BackwardFn<scalar_t> backward_loop() {
+BackwardFn<scalar_t> backward_loop(int want) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_isa() == Isa::kAvx512) return &loops_avx512::backward_chunk<PRED, scalar_t>;
-  if (cpu_isa() == Isa::kAvx2) return &loops_avx2::backward_chunk<PRED, scalar_t>;
+    if (cpu_isa() == Isa::kAvx512) return loops_avx512::backward_f32_for<PRED>(want);
+    if (cpu_isa() == Isa::kAvx2) return loops_avx2::backward_f32_for<PRED>(want);
 #endif
-  return &loops_base::backward_chunk<PRED, scalar_t>;
+    return loops_base::backward_f32_for<PRED>(want);
+  } else {
+    (void)want;  // the generic loop tests each output pointer per tile
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_isa() == Isa::kAvx512) return &loops_avx512::backward_chunk<PRED, scalar_t>;
+    if (cpu_isa() == Isa::kAvx2) return &loops_avx2::backward_chunk<PRED, scalar_t>;
+#endif
+    return &loops_base::backward_chunk<PRED, scalar_t>;
+  }
 }
 
 // Per-sample log-densities (float64) of contiguous [B, D] inputs; the mean too if asked.
@@ -264,7 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_log_prob_backward_cpu(
     scalar_t* out_xt = output_mask[1] ? grad_xt.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_m = output_mask[2] ? grad_m.data_ptr<scalar_t>() : nullptr;
     dispatch_prediction(s.prediction, [&](auto pred) {
-      const BackwardFn<scalar_t> backward = backward_loop<decltype(pred)::value, scalar_t>();
+      const int want = (output_mask[0] ? 1 : 0) | (output_mask[1] ? 2 : 0) |
+                       (output_mask[2] ? 4 : 0);
+      if (want == 0) return;
+      const BackwardFn<scalar_t> backward = backward_loop<decltype(pred)::value, scalar_t>(want);
       at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / chunks, k = task % chunks;

@@ -87,4 +87,61 @@ void backward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m,
   }
 }
 
+// The float32 backward without tile buffers: each element is read once and its wanted
+// gradients stored straight to the outputs. Stores limit this loop (three per element
+// against the generic loop's seven: tile, copy, zero fill), so it runs about twice as
+// fast. WANT (bits 0, 1, 2: x_prev, x_t, model_output) and HAS_GRAD_MEAN are template
+// arguments so that the loop has no tests; the math is backward_chunk's, in its order,
+// so the two give the same bits.
+template <int PRED, int WANT, bool HAS_GRAD_MEAN>
+inline void backward_f32_loop(const float* __restrict__ xp, const float* __restrict__ xt,
+                              const float* __restrict__ m, const float* __restrict__ grad_mean,
+                              int64_t n, const TransitionCoefs<float>& coefs, float scale,
+                              float* __restrict__ grad_xp, float* __restrict__ grad_xt,
+                              float* __restrict__ grad_m) {
+  const TransitionCoefs<float> c = coefs;  // a local copy: provably not written by the stores
+  for (int64_t i = 0; i < n; ++i) {
+    bool in_clip;
+    const float mean = transition_mean<PRED>(xt[i], m[i], c, in_clip);
+    const float r = (xp[i] - mean) * scale;
+    float g_xt, g_m;
+    transition_mean_backward<PRED>(r + (HAS_GRAD_MEAN ? grad_mean[i] : 0.0f), in_clip, c, g_xt,
+                                   g_m);
+    if constexpr ((WANT & 1) != 0) grad_xp[i] = -r;
+    if constexpr ((WANT & 2) != 0) grad_xt[i] = g_xt;
+    if constexpr ((WANT & 4) != 0) grad_m[i] = g_m;
+  }
+}
+
+// backward_chunk's signature for float32; the null outputs must be those WANT leaves out.
+template <int PRED, int WANT>
+void backward_chunk_f32(const float* xp, const float* xt, const float* m, const float* grad_mean,
+                        int64_t n, const TransitionCoefs<float>& c, float scale, float* grad_xp,
+                        float* grad_xt, float* grad_m) {
+  if (grad_mean != nullptr) {
+    backward_f32_loop<PRED, WANT, true>(xp, xt, m, grad_mean, n, c, scale, grad_xp, grad_xt,
+                                        grad_m);
+  } else {
+    backward_f32_loop<PRED, WANT, false>(xp, xt, m, grad_mean, n, c, scale, grad_xp, grad_xt,
+                                         grad_m);
+  }
+}
+
+using BackwardF32Fn = void (*)(const float*, const float*, const float*, const float*, int64_t,
+                               const TransitionCoefs<float>&, float, float*, float*, float*);
+
+// The float32 loop for the wanted gradients (want: 1 to 7, bits as WANT above).
+template <int PRED>
+BackwardF32Fn backward_f32_for(int want) {
+  switch (want) {
+    case 1: return &backward_chunk_f32<PRED, 1>;
+    case 2: return &backward_chunk_f32<PRED, 2>;
+    case 3: return &backward_chunk_f32<PRED, 3>;
+    case 4: return &backward_chunk_f32<PRED, 4>;
+    case 5: return &backward_chunk_f32<PRED, 5>;
+    case 6: return &backward_chunk_f32<PRED, 6>;
+    default: return &backward_chunk_f32<PRED, 7>;
+  }
+}
+
 }  // namespace RISKFAST_LOOPS_NS

@@ -169,6 +169,36 @@ def test_compiled_float32_equals_the_reference(prediction, clip, reduce, sampler
 
 @needs_compiled
 @pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize("through_mean", [False, True], ids=["log_prob", "log_prob+mean"])
+def test_compiled_gradients_of_some_inputs_equal_those_of_all(prediction, wanted, through_mean):
+    # float32 has one backward loop per set of wanted gradients (and per presence of a
+    # gradient of the mean): each must give the bits of the all-three loop and follow
+    # the reference
+    inputs = _inputs((2, 4, 32, 32), torch.float32, seed=18)
+    coefficients = _ddim(prediction=prediction, clip=1.0)
+    g = torch.Generator().manual_seed(19)
+    w_log_prob, w_mean = torch.randn(2, generator=g), torch.randn(2, 4, 32, 32, generator=g)
+
+    def grads(backend, which):
+        leaves = [t.clone().requires_grad_(i in which) for i, t in enumerate(inputs)]
+        log_prob, mean = transition_log_prob(
+            *leaves, coefficients, return_mean=True, backend=backend
+        )
+        loss = (log_prob * w_log_prob).sum()
+        if through_mean:
+            loss = loss + (mean * w_mean).sum()
+        return torch.autograd.grad(loss, [leaves[i] for i in which])
+
+    every = grads("compiled", (0, 1, 2))
+    some, reference = grads("compiled", wanted), grads("reference", wanted)
+    for k, i in enumerate(wanted):
+        assert torch.equal(some[k], every[i])
+        assert _rel(some[k], reference[k]) < 1e-5
+
+
+@needs_compiled
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_compiled_float64_equals_the_reference_and_passes_gradcheck(prediction):
     inputs = _inputs((2, 3, 5), torch.float64, seed=6, requires_grad=True)
     coefficients = _ddpm(prediction=prediction, clip=1.2)
