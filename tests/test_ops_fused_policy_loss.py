@@ -596,3 +596,20 @@ def test_torch_path_peak_memory_is_under_a_quarter_of_the_dense_loss():
     assert dense["peak_extra"] > 1024 * 32768 * 4
     assert fused["peak_extra"] < dense["peak_extra"] / 4, (fused, dense)
     assert fused["loss"] == pytest.approx(dense["loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("n", "v", "entropy_grad", "expected"),
+    [
+        (1024, 32000, False, 262),  # the 32 MiB budget: 33,554,432 // (4 * 32,000)
+        (10, 32000, False, 262),  # larger than the batch: one chunk holds all 10
+        (1024, 32000, True, 131),  # two buffers with an entropy gradient
+        (256, 1_000_000, False, 8),  # a huge vocabulary
+        (4, 10**9, False, 1),  # never below one token
+    ],
+)  # fmt: skip
+def test_default_torch_chunk(n, v, entropy_grad, expected):
+    from riskfast.ops.fused_policy_loss import _TorchChunks
+
+    chunks = _TorchChunks.__new__(_TorchChunks)  # default_chunk reads no state
+    assert chunks.default_chunk(n, v, entropy_grad) == expected

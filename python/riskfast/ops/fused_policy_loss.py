@@ -89,7 +89,12 @@ _TORCH_CHUNK_BYTES = 32 << 20
 it. Each chunk's two matmuls with the weight read the whole ``[V, H]`` matrix again, so
 fewer, bigger chunks are faster on a CPU: at the issue's shape (``V = 32,000``) 262
 tokens per chunk took 0.98x the dense loss's CPU time, 131 tokens 1.025x, 512 tokens
-0.99x (one thread, interleaved; ``benchmarks/RESULTS.md``, issue 15)."""
+0.99x (one thread, interleaved; ``benchmarks/RESULTS.md``, issue 15). Smaller chunks save
+memory for time: each extra chunk also reads and writes the ``[V, H]`` accumulator of
+``grad_weight`` once more. At the CPU spec shape (N = 256, H = 2,048, V = 32,000, one
+thread) one chunk of 256 tokens took 0.96-0.98x the dense loss's CPU time with 41-68 MiB
+of working memory, two chunks of 128 tokens (``chunk_size=128``) 1.02-1.04x with 25 MiB,
+against the dense loss's 95-126 MiB."""
 
 _ROW_BLOCK_BYTES = 4 << 20
 """Temporaries of the log-sum-exp and the entropy are taken over this many bytes of
@@ -568,7 +573,8 @@ def fused_linear_policy_loss(
         return_logp: also return the ``[N, T]`` log-probs (detached; 0 off the response).
         chunk_size: response tokens per chunk, ``>= 1``; default: 32 MiB of fp32
             buffers on the torch path (one buffer, two with ``entropy_coef != 0``),
-            1 GiB of buffers on the Triton path. With
+            1 GiB of buffers on the Triton path. Smaller chunks hold less memory and
+            take a little longer (``_TORCH_CHUNK_BYTES`` has the figures). With
             ``ratio_level="sequence"`` a response longer than this takes two passes.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (module doc).
 
