@@ -15,8 +15,15 @@ constexpr int64_t kLoopTile = 256;
 template <typename scalar_t>
 using loop_math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Sum of (x_prev - mean)^2 over n elements (float64, 8 lanes added in order at the
-// end); writes the mean (math type) when mean_out is set.
+// Lanes of the float64 sum of squares: element i of a chunk goes to lane i % kSumLanes,
+// lanes are added in order at the end. 32 lanes are four independent 8-double vector
+// sums, so the adds do not wait on each other (with 8 lanes the forward was bound by
+// the latency of one chain of vector adds).
+constexpr int64_t kSumLanes = 32;
+static_assert(kLoopTile % kSumLanes == 0, "a tile must start on lane 0");
+
+// Sum of (x_prev - mean)^2 over n elements (float64, kSumLanes lanes added in order at
+// the end); writes the mean (math type) when mean_out is set.
 template <int PRED, typename scalar_t>
 double forward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m, int64_t n,
                      const TransitionCoefs<loop_math_t<scalar_t>>& c,
@@ -24,7 +31,7 @@ double forward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m, 
   using T = loop_math_t<scalar_t>;
   T mean[kLoopTile];
   T squares[kLoopTile];
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double lanes[kSumLanes] = {};
   for (int64_t start = 0; start < n; start += kLoopTile) {
     const int64_t len = std::min(kLoopTile, n - start);
     for (int64_t i = 0; i < len; ++i) {
@@ -36,10 +43,10 @@ double forward_chunk(const scalar_t* xp, const scalar_t* xt, const scalar_t* m, 
     }
     if (mean_out != nullptr) std::copy(mean, mean + len, mean_out + start);
     int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      for (int j = 0; j < 8; ++j) lanes[j] += static_cast<double>(squares[i + j]);
+    for (; i + kSumLanes <= len; i += kSumLanes) {
+      for (int64_t j = 0; j < kSumLanes; ++j) lanes[j] += static_cast<double>(squares[i + j]);
     }
-    for (; i < len; ++i) lanes[i % 8] += static_cast<double>(squares[i]);
+    for (; i < len; ++i) lanes[i % kSumLanes] += static_cast<double>(squares[i]);
   }
   double total = 0.0;
   for (double lane : lanes) total += lane;
