@@ -1,7 +1,9 @@
 """RLR's compiled ops (``riskfast._C``) against the alternatives, on the CPU.
 
 Ops: ``perturb_``, ``accumulate_noise_`` (8 seeds), ``philox_normal`` and the
-transition log-density (forward; forward + backward; the ``[B, T]`` step form). Columns
+transition log-density (forward; forward + backward returning fresh gradients
+(``torch.autograd.grad``); forward + backward adding into the leaves' ``.grad``, as a
+training step does; the ``[B, T]`` step form). Columns
 (``variant``):
 
 * ``compiled`` - the op of ``riskfast._C`` (``backend="compiled"``);
@@ -267,6 +269,25 @@ def test_transition_forward_backward(benchmark, variant, shape):
     # forward reads 3 tensors; backward reads 3 and writes 3 gradients
     nbytes = 9 * inputs[0].numel() * 4
     _record(benchmark, "transition log-prob fwd+bwd", f"{shape} fp32", variant, nbytes)
+
+
+@pytest.mark.parametrize("variant", TRANSITION_VARIANTS)
+@pytest.mark.parametrize("shape", list(LATENTS))
+def test_transition_forward_backward_into_grad(benchmark, variant, shape):
+    """The training pattern: ``loss.backward()`` adds the gradients into the leaves'
+    ``.grad`` across iterations (the row above returns fresh gradients each time)."""
+    inputs, coefficients = _transition_case(LATENTS[shape], requires_grad=True)
+    forward = _transition_forward(variant)
+    weights = torch.randn(LATENTS[shape][0])
+
+    def step():
+        (forward(*inputs, coefficients) * weights).sum().backward()
+
+    step()
+    benchmark(step)
+    # as above, plus reading and writing the three .grad tensors it adds into
+    nbytes = 15 * inputs[0].numel() * 4
+    _record(benchmark, "transition log-prob fwd+bwd, into .grad", f"{shape} fp32", variant, nbytes)
 
 
 @pytest.mark.parametrize("variant", ["compiled", "reference"])
