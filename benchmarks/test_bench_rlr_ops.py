@@ -10,8 +10,15 @@ training step does; the ``[B, T]`` step form). Columns
 * ``reference`` - the PyTorch reference it is tested against (``backend="reference"``);
 * ``torch.compile(reference)`` - Inductor on ``transition_log_prob_reference``. Not
   for the noise ops: ``torch.compile(philox_normal_reference)`` did not finish
-  compiling in 9 minutes here (torch 2.13, CPU; Inductor's lowering inlines the ten
-  dependent Philox rounds into one expression and stalls), so that column is absent;
+  compiling in 9 minutes here (torch 2.13, CPU), nor in 4-7 minutes for 4,096
+  numbers with ``dynamic=False`` and ``constant_and_index_propagation=False`` or the
+  realize thresholds at 1. Stack samples: ``GraphLowering.run_node`` asks
+  ``should_realize_on_reuse`` / ``has_exceeded_max_reads``, which count the ops of the
+  inlined pointwise body (``inner_fn_opcount``) by walking it as a tree, 45-57
+  ``inner_fn`` calls deep (likely cause, not proven: the counters come from
+  ``arange``, with no buffer reads, so the read-count rules never realize the rounds,
+  and a walk that reads each word twice per round grows exponentially). That column
+  is absent;
 * ``by hand`` - what a user writes without riskfast: ``p.add_(torch.randn(p.shape,
   generator=g), alpha=s)`` per parameter (per seed, reseeding ``g``), ``torch.randn``
   for ``philox_normal``.
