@@ -2,9 +2,11 @@
 //
 // No include guard: transition_cpu.cpp includes this file several times, each time
 // inside `#pragma GCC target(...)` with RISKFAST_LOOPS_NS naming the namespace
-// (baseline x86-64, AVX2, AVX-512), and picks one at run time. The loops work on
-// tiles of kLoopTile elements through local buffers so that every loop is a plain
-// vectorisable one (no pointer tests inside). Without contraction (-ffp-contract=off)
+// (baseline x86-64, AVX2, AVX-512), and picks one at run time. The generic loops work
+// on tiles of kLoopTile elements through local buffers so that every loop is a plain
+// vectorisable one (no pointer tests inside); the float32 backward has one loop per set
+// of wanted gradients instead and stores straight to the outputs (see
+// backward_f32_loop). Without contraction (-ffp-contract=off)
 // every variant rounds alike, so the results do not depend on the variant chosen.
 // Needs (included before): transition_math.h, c10's Half and BFloat16, <algorithm>.
 
