@@ -603,8 +603,10 @@ def test_torch_path_peak_memory_is_under_a_quarter_of_the_dense_loss():
     [
         (1024, 32000, False, 262),  # the 32 MiB budget: 33,554,432 // (4 * 32,000)
         (10, 32000, False, 262),  # larger than the batch: one chunk holds all 10
-        (1024, 32000, True, 131),  # two buffers with an entropy gradient
-        (256, 1_000_000, False, 8),  # a huge vocabulary
+        (1024, 32000, True, 256),  # two buffers with an entropy gradient: 131 < 256 tokens
+        (512, 128256, False, 256),  # at least 256 tokens (125 MiB)
+        (512, 128256, True, 256),  # 250 MiB with the entropy's second buffer
+        (256, 1_000_000, False, 67),  # 256 tokens would exceed 256 MiB: 268,435,456 // 4e6
         (4, 10**9, False, 1),  # never below one token
     ],
 )  # fmt: skip

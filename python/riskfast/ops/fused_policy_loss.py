@@ -96,6 +96,14 @@ thread) one chunk of 256 tokens took 0.96-0.98x the dense loss's CPU time with 4
 of working memory, two chunks of 128 tokens (``chunk_size=128``) 1.02-1.04x with 25 MiB,
 against the dense loss's 95-126 MiB."""
 
+_TORCH_MIN_CHUNK_TOKENS = 256
+_TORCH_MAX_CHUNK_BYTES = 256 << 20
+"""With a large vocabulary 32 MiB holds few tokens, and each chunk still reads the
+``[V, H]`` weight twice and the ``grad_weight`` accumulator once more: at N = 512,
+H = 4,096, V = 128,256 (one thread) 65-token chunks took 1.12x the dense loss's CPU time,
+256-token chunks (125 MiB) 0.95x, one chunk of 512 0.98x. So a chunk holds at least 256
+tokens while they fit in 256 MiB."""
+
 _ROW_BLOCK_BYTES = 4 << 20
 """Temporaries of the log-sum-exp and the entropy are taken over this many bytes of
 rows at a time, so that they add ``[rows, V]``, not a second ``[chunk, V]`` buffer."""
@@ -127,8 +135,11 @@ class _TorchChunks:
         self.inv_temperature = inv_temperature
 
     def default_chunk(self, n: int, v: int, entropy_grad: bool) -> int:
-        buffers = 2 if entropy_grad else 1
-        return max(1, _TORCH_CHUNK_BYTES // (buffers * 4 * max(v, 1)))
+        row_bytes = (2 if entropy_grad else 1) * 4 * max(v, 1)
+        # _TORCH_CHUNK_BYTES, but at least _TORCH_MIN_CHUNK_TOKENS tokens while those
+        # fit in _TORCH_MAX_CHUNK_BYTES (large vocabularies)
+        floor = min(_TORCH_MIN_CHUNK_TOKENS, _TORCH_MAX_CHUNK_BYTES // row_bytes)
+        return max(1, _TORCH_CHUNK_BYTES // row_bytes, floor)
 
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(self.dtype)
@@ -571,10 +582,11 @@ def fused_linear_policy_loss(
         compute_entropy: also report the mean entropy (``metrics["entropy"]``); implied
             by ``entropy_coef != 0``. Costs one more pass over each chunk's logits.
         return_logp: also return the ``[N, T]`` log-probs (detached; 0 off the response).
-        chunk_size: response tokens per chunk, ``>= 1``; default: 32 MiB of fp32
-            buffers on the torch path (one buffer, two with ``entropy_coef != 0``),
-            1 GiB of buffers on the Triton path. Smaller chunks hold less memory and
-            take a little longer (``_TORCH_CHUNK_BYTES`` has the figures). With
+        chunk_size: response tokens per chunk, ``>= 1``; default on the torch path:
+            32 MiB of fp32 buffers (one buffer, two with ``entropy_coef != 0``) or 256
+            tokens, whichever is more, within 256 MiB; 1 GiB of buffers on the Triton
+            path. Smaller chunks hold less memory and take a little longer
+            (``_TORCH_CHUNK_BYTES`` and ``_TORCH_MIN_CHUNK_TOKENS`` have the figures). With
             ``ratio_level="sequence"`` a response longer than this takes two passes.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (module doc).
 
