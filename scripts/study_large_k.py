@@ -51,7 +51,7 @@ def _evaluate(
         questions,
         num_samples=samples,
         ks=ks,
-        seed=seed + 2000,
+        seed=seed + 1000,  # the study's own evaluation seed: 16 samples give its numbers
         max_new_tokens=args.max_digits + 3,
     )
     return {**{f"pass@{k}": v for k, v in ev.pass_at.items()}, "entropy": ev.entropy}

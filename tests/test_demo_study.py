@@ -195,6 +195,44 @@ def test_study_table_has_every_field(tiny_study: tuple[Path, dict[str, Any]]) ->
     assert evals[0] == 0 and evals[-1] == steps
 
 
+def _large_k_script() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "study_large_k.py"
+    spec = importlib.util.spec_from_file_location("study_large_k", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    from riskfast.demo.study import METRICS
+
+    out, summary = tiny_study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    script = _large_k_script()
+    assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    result = json.loads((copy / "large_k.json").read_text())
+    got = {(r["arm"], r["seed"]): r["test"] for r in result["runs"]}
+    # 16 samples on the study's evaluation seed: the study's own numbers, to the bit, for
+    # the warm starts and every selected run (retrained from the stored warm start)
+    expected = {("warm start", int(s)): w["test"] for s, w in summary["warm_start"].items()}
+    for run in summary["runs"]:
+        if run["lr"] == summary["selected"][run["arm"]][str(run["seed"])]["lr"]:
+            expected[(run["arm"], run["seed"])] = run["test"]
+    assert set(got) == set(expected) and len(expected) == 2 * 4
+    for key, test in expected.items():
+        assert {m: got[key][m] for m in METRICS} == {m: test[m] for m in METRICS}, key
+    assert result["table"]["grpo"]["pass@16"]["values"] == [
+        expected[("grpo", s)]["pass@16"] for s in (0, 1)
+    ]
+    with pytest.raises(SystemExit):
+        script.main(["--samples", "16"])  # no "--" before the study's options
+
+
 def test_study_resumes_an_interrupted_study(tiny_study: tuple[Path, dict[str, Any]],
                                             tmp_path: Path) -> None:
     out, summary = tiny_study
