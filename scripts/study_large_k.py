@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             opts.jobs, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
             rows = list(pool.map(_one, tasks))
-    from riskfast.demo.study import t_interval
+    from riskfast.demo.study import _cell, t_interval
 
     metrics = list(rows[0]["test"])
     by = {(r["arm"], r["seed"]): r["test"] for r in rows}
@@ -186,17 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
-    def cell(v: dict[str, Any], signed: bool) -> str:
-        f = "{:+.3f}" if signed else "{:.3f}"
-        if v["low"] is None:
-            return f.format(v["mean"])
-        return f"{f.format(v['mean'])} [{f.format(v['low'])}, {f.format(v['high'])}]"
-
     print("| arm | " + " | ".join(metrics) + " |")
     print("| --- |" + " --- |" * len(metrics))
     for name, row in [*table.items(), *diffs.items()]:
         signed = " - " in name
-        print(f"| {name} | " + " | ".join(cell(row[m], signed) for m in metrics) + " |")
+        print(f"| {name} | " + " | ".join(_cell(row[m], signed) for m in metrics) + " |")
     return 0
 
 
