@@ -83,6 +83,7 @@ def test_quick_leaves_options_given_on_the_command_line() -> None:
         (["--riskpo-lr", "0"], "riskpo-lr"),
         (["--grpo-lr=-1e-3"], "grpo-lr"),
         (["--steps", "0"], "steps"),
+        (["--train-questions", "0"], "train-questions"),
         (["--grpo-trainer", "trl", "--dual-clip", "3"], "grpo-trainer"),
     ],
 )
@@ -123,6 +124,49 @@ def test_preset_runs_in_quick(name: str, tmp_path_factory: pytest.TempPathFactor
     assert all(math.isfinite(x["reward_mean"]) for x in train)
     machine = summary["environment"]
     assert machine["threads"] == 1 and machine["torch"] and machine["cpu"]
+
+
+def test_demo_trains_on_a_fixed_set_when_asked(tmp_path_factory: pytest.TempPathFactory,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--train-questions N``: the RL prompts are epochs over N fixed training questions,
+    and the summary says so."""
+    pytest.importorskip("trl", reason="the demo trains through TRL: pip install 'riskfast[trl]'")
+    import riskfast.demo.train as train
+    from riskfast.demo.task import rl_questions
+
+    streams: list[list[Any]] = []
+
+    def recording(count: int, **kw: Any) -> list[Any]:
+        streams.append(rl_questions(count, **kw))
+        return streams[-1]
+
+    monkeypatch.setattr(train, "rl_questions", recording)
+    cache = tmp_path_factory.getbasetemp() / "preset_warm_start.pt"
+    out = tmp_path_factory.mktemp("fixed")
+    argv = ["--quick", "--method", "grpo", "--steps", "3", "--warm-steps", "10",
+            "--train-questions", "4", "--eval-questions", "8", "--eval-every", "3", "--no-plot",
+            "--out", str(out), "--device", "cpu", "--warm-start", str(cache)]
+    summary = train.run_training(_parser().parse_args(argv))
+    (stream,) = streams
+    assert len(stream) == 30 and len(set(stream)) == 4  # 3 steps x 10 prompts over 4 questions
+    assert summary["config"]["train_questions"] == 4
+    assert "(7.5 epochs over a fixed set of 4 training questions)" in train.format_table(summary)
+
+
+def test_study_config_records_a_fixed_training_set_only_when_set() -> None:
+    from riskfast.demo.study import _resolve, add_study_arguments, study_config
+    from riskfast.demo.train import train_set_text
+
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser)
+    plain = study_config(_resolve(parser.parse_args(["--quick"])))
+    assert "train_questions" not in plain  # older studies' fingerprints stay valid
+    fixed = study_config(_resolve(parser.parse_args(["--quick", "--train-questions", "12"])))
+    assert fixed == {**plain, "train_questions": 12}
+    assert train_set_text(fixed) == " (2.5 epochs over a fixed set of 12 training questions)"
+    assert train_set_text({"steps": 300, "prompts_per_step": 100, "train_questions": 2000}) == (
+        " (15 epochs over a fixed set of 2000 training questions)")
+    assert train_set_text(plain) == ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,6 +318,7 @@ def test_study_refuses_other_settings_in_the_same_folder(
         (["--steps", "0"], "steps"),
         (["--updates-per-rollout", "3"], "updates-per-rollout"),
         (["--val-questions", "0"], "val-questions"),
+        (["--train-questions", "-2"], "train-questions"),
     ],
 )
 def test_study_bad_option_is_named(argv: list[str], flag: str, tmp_path: Path,

@@ -16,6 +16,7 @@ from riskfast.demo.task import (
     build_tokenizer,
     exact_match_reward,
     pass_at_k,
+    rl_questions,
     sample_questions,
     split_of,
 )
@@ -45,6 +46,29 @@ def test_task_is_reversed_addition_with_held_out_split() -> None:
     ids = tokenizer(q.prompt, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(q.prompt)
     assert tokenizer.decode(ids) == q.prompt
+
+
+def test_rl_questions_fresh_draws_or_epochs_over_a_fixed_set() -> None:
+    # Unset: the stream is the plain training-pool draw (older runs keep their prompts).
+    assert rl_questions(50, max_digits=3, seed=4) == sample_questions(50, "train", max_digits=3, seed=4)
+    # A fixed set of 7: three epochs cut at 20, each epoch a new order of the same 7.
+    pool = sample_questions(7, "train", max_digits=3, seed=4, unique=True)
+    stream = rl_questions(20, max_digits=3, seed=4, train_questions=7)
+    assert len(set(pool)) == 7
+    assert sorted(stream[:7], key=str) == sorted(pool, key=str)
+    assert sorted(stream[7:14], key=str) == sorted(pool, key=str)
+    assert set(stream[14:]) <= set(pool) and len(set(stream[14:])) == 6
+    assert [stream.count(q) for q in pool].count(3) == 6
+    assert stream[:7] != stream[7:14]  # reshuffled
+    assert {split_of(q.a, q.b) for q in stream} == {"train"}
+    assert rl_questions(20, max_digits=3, seed=4, train_questions=7) == stream  # a function of the seed
+    assert rl_questions(0, max_digits=3, train_questions=7) == []
+    with pytest.raises(ValueError, match="^train_questions: must be >= 1"):
+        rl_questions(5, train_questions=0)
+    with pytest.raises(TypeError, match="^train_questions: must be an int"):
+        rl_questions(5, train_questions=True)
+    with pytest.raises(ValueError, match="^count: must be >= 0"):
+        rl_questions(-1, train_questions=3)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from typing import Any
 
 from ._plot import require_matplotlib
 from .presets import PRESETS, TRAINING_KEYS, preset_values
-from .train import KS, WARM_START_KEYS
+from .train import KS, WARM_START_KEYS, train_set_text
 
 METRICS = tuple(f"pass@{k}" for k in KS) + ("entropy",)
 """Columns of the study's table: test pass@k and the policy entropy per token."""
@@ -129,7 +129,7 @@ def _grid_argument(text: str) -> tuple[str, tuple[float, ...]]:
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``riskfast study`` options."""
-    from .train import add_training_arguments
+    from .train import add_train_questions_argument, add_training_arguments
 
     add = parser.add_argument
     arms = ", ".join(sorted(PRESETS))
@@ -153,6 +153,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model-size", choices=("tiny", "mini", "small", "medium"), default=None,
         help="model size (default mini, 133k parameters)")
     add("--max-digits", type=int, default=None, help="hardest level, digits (default 3)")
+    add_train_questions_argument(parser)
     add("--warm-steps", type=int, default=None, help="max warm-start steps (default 800)")
     add("--warm-batch", type=int, default=None, help="warm-start batch (default 256)")
     add("--warm-lr", type=float, default=None, help="warm-start learning rate (default 3e-3)")
@@ -230,7 +231,10 @@ def study_config(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("steps", "prompts_per_step", "group_size", "model_size", "max_digits", "warm_steps",
             "warm_batch", "warm_lr", "warm_target", "eval_every", "val_questions",
             "test_questions", "threads", "select", "device")
-    return {**{k: getattr(args, k) for k in keys}, "training": args.training}
+    config = {**{k: getattr(args, k) for k in keys}, "training": args.training}
+    if args.train_questions is not None:  # absent when unset: older studies keep resuming
+        config["train_questions"] = args.train_questions
+    return config
 
 
 def _run_dir(out: Path, seed: int, arm: str, lr: float) -> Path:
@@ -326,7 +330,7 @@ def run_one(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> di
     start_state = saved_warm["state"]
     val, test = _questions(args, seed)
     settings = RunSettings(args.steps, args.prompts_per_step, args.group_size, args.max_digits,
-                           args.model_size, seed, args.eval_every)
+                           args.model_size, seed, args.eval_every, args.train_questions)
     common = {"model_size": args.model_size, "max_digits": args.max_digits, "seed": seed,
               "device": device}
     lines: list[dict[str, Any]] = []
@@ -455,8 +459,9 @@ def format_table(summary: dict[str, Any]) -> str:
         f"Test split: {config['test_questions']} questions x {max(KS)} samples (temperature 1), "
         f"unbiased pass@k, entropy per token (nats); mean [95% t-interval] over seeds "
         f"{', '.join(map(str, summary['seeds']))}. Each arm: {config['steps']} RL steps of "
-        f"{config['prompts_per_step']} prompts x G={config['group_size']} from the seed's warm "
-        f"start, learning rate picked per seed from its grid by validation {config['select']} "
+        f"{config['prompts_per_step']} prompts x G={config['group_size']}"
+        + train_set_text(config)
+        + f" from the seed's warm start, learning rate picked per seed from its grid by validation {config['select']} "
         f"({config['val_questions']} questions). Training knobs (every arm): "
         + ", ".join(f"{k}={v}" for k, v in config["training"].items()) + "."
     )

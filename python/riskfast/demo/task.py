@@ -138,6 +138,45 @@ def sample_questions(
     return out
 
 
+def rl_questions(
+    count: int, *, max_digits: int = 4, seed: int = 0, train_questions: int | None = None
+) -> list[Question]:
+    """The RL prompt stream: ``count`` training-pool questions, in the order they are used.
+
+    Args:
+        count: prompts to draw (``steps x prompts_per_step``).
+        max_digits: the hardest level.
+        seed: the draw is a function of the seed alone.
+        train_questions: ``None`` (default): every prompt is a fresh draw from the training
+            pool (:func:`sample_questions`; with 1-3 digits or more almost every question
+            is new, about one epoch). An integer ``N``: a fixed training set of ``N``
+            distinct questions (levels in turn, as :func:`sample_questions` with
+            ``unique=True``), passed over in epochs, each epoch in a new random order,
+            the last one cut at ``count``; the paper's runs work this way (the official
+            MATH script: 200 steps x 1,024 prompts over about 15k questions, some 14
+            epochs).
+
+    Returns:
+        ``count`` questions.
+    """
+    if count < 0:
+        raise ValueError(f"count: must be >= 0, got {count}")
+    if train_questions is None:
+        return sample_questions(count, "train", max_digits=max_digits, seed=seed)
+    if isinstance(train_questions, bool) or not isinstance(train_questions, int):
+        raise TypeError(f"train_questions: must be an int or None, got {train_questions!r}")
+    if train_questions < 1:
+        raise ValueError(f"train_questions: must be >= 1, got {train_questions}")
+    pool = sample_questions(train_questions, "train", max_digits=max_digits, seed=seed, unique=True)
+    order = random.Random(f"epochs-{seed}-{max_digits}")
+    out: list[Question] = []
+    while len(out) < count:
+        epoch = list(pool)
+        order.shuffle(epoch)
+        out.extend(epoch)
+    return out[:count]
+
+
 def is_correct(completion: str, answer: str) -> bool:
     """Exact match after stripping surrounding whitespace (the EOS is decoded away)."""
     return completion.strip() == answer

@@ -61,6 +61,7 @@ from .task import (
     build_tokenizer,
     evaluate,
     exact_match_reward,
+    rl_questions,
     sample_questions,
     warm_start,
 )
@@ -262,6 +263,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse the warm start saved in this file when its settings match (else train "
         "and save it there); every run also saves OUT/warm_start.pt")
     add("--max-digits", type=int, default=None, help="hardest level, digits (default 3)")
+    add_train_questions_argument(parser)
     add("--eval-questions", type=int, default=None, help="held-out questions (default 200)")
     add("--eval-every", type=int, default=None, help="RL steps between evaluations (default 25)")
     add("--threads", type=int, default=1,
@@ -273,6 +275,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         + " (options given on the command line win)")
     add_riskpo_arguments(parser)
     add_training_arguments(parser)
+
+
+def add_train_questions_argument(parser: argparse.ArgumentParser) -> None:
+    """``--train-questions``, shared by ``riskfast demo`` and ``riskfast study``."""
+    parser.add_argument(
+        "--train-questions", type=int, default=None,
+        help="RL from a fixed training set of this many questions, in epochs (the official "
+        "scripts run about 14-15 epochs over their dataset; steps x prompts-per-step / N "
+        "epochs here); default: a fresh training question for every prompt")
 
 
 def resolve_options(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
@@ -399,6 +410,8 @@ def check_common(args: argparse.Namespace) -> None:
         raise ValueError(f"group-size: GRPO needs at least 2 completions per prompt, got {args.group_size}")
     if args.max_digits > 9:
         raise ValueError(f"max-digits: must be in 1..9, got {args.max_digits}")
+    if getattr(args, "train_questions", None) is not None and args.train_questions < 1:
+        raise ValueError(f"train-questions: must be >= 1, got {args.train_questions}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"threads: must be >= 1, got {args.threads}")
 
@@ -490,6 +503,9 @@ class RunSettings:
     model_size: str
     seed: int
     eval_every: int
+    train_questions: int | None = None
+    """``None``: every RL prompt a fresh training-pool draw; ``N``: epochs over a fixed set
+    of ``N`` training questions (:func:`riskfast.demo.task.rl_questions`)."""
 
 
 def check_budget(settings: RunSettings, options: dict[str, Any]) -> None:
@@ -538,8 +554,9 @@ def train_arm(
     model = build_model(tokenizer, settings.model_size, seed=settings.seed)
     model.load_state_dict(start_state)
     model.to(device)
-    questions = sample_questions(settings.steps * settings.prompts_per_step, "train",
-                                 max_digits=settings.max_digits, seed=settings.seed + 1)
+    questions = rl_questions(settings.steps * settings.prompts_per_step,
+                             max_digits=settings.max_digits, seed=settings.seed + 1,
+                             train_questions=settings.train_questions)
     dataset = Dataset.from_list([{"prompt": q.prompt, "answer": q.answer} for q in questions])
 
     common: dict[str, Any] = {
@@ -825,6 +842,15 @@ def _plot(path: Path, metrics_path: Path, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def train_set_text(config: dict[str, Any]) -> str:
+    """`` (epochs over a fixed set of N training questions)``, or nothing when unset."""
+    size = config.get("train_questions")
+    if size is None:
+        return ""
+    epochs = config["steps"] * config["prompts_per_step"] / size
+    return f" ({epochs:g} epochs over a fixed set of {size} training questions)"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The final comparison as plain text (readable without the output files)."""
     rows = [("warm start", "-", "-", summary["warm_start"], None)]
@@ -851,7 +877,7 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(
         f"held-out: {summary['task']['test_questions']} questions x {max(KS)} samples (temperature 1), "
         f"unbiased pass@k; {config['steps']} RL steps of {config['prompts_per_step']} prompts x "
-        f"G={config['group_size']}, {options['updates_per_rollout']} update(s) per step; {riskpo}; "
+        f"G={config['group_size']}{train_set_text(config)}, {options['updates_per_rollout']} update(s) per step; {riskpo}; "
         f"seed {config['seed']} (one seed: differences of a few points are within run-to-run "
         "noise; riskfast study compares over seeds)."
     )
@@ -925,7 +951,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _resolve(args)
     settings = RunSettings(args.steps, args.prompts_per_step, args.group_size, args.max_digits,
-                           args.model_size, args.seed, args.eval_every)
+                           args.model_size, args.seed, args.eval_every, args.train_questions)
     arms = demo_arms(args)
     for arm in arms:
         check_budget(settings, arm.options)
