@@ -100,6 +100,7 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
             args.model_size,
             seed,
             args.eval_every,
+            args.train_questions,
         )
         scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"large_k_{os.getpid()}"
 
