@@ -239,6 +239,30 @@ def test_study_table_has_every_field(tiny_study: tuple[Path, dict[str, Any]]) ->
     assert evals[0] == 0 and evals[-1] == steps
 
 
+def test_study_reselects_under_another_metric_without_retraining(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``--select`` picks among finished runs: a finished study summarised again under
+    ``pass@1`` retrains nothing and keeps, per seed and arm, the run with the best
+    validation pass@1 (ties: the smaller rate)."""
+    out, summary = tiny_study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    results = sorted(copy.glob("seed*/*/lr*/result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    assert main([*STUDY_ARGV, "--out", str(copy), "--select", "pass@1", "--no-plot"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in results} == before
+    again = json.loads((copy / "summary.json").read_text())
+    assert again["config"]["select"] == "pass@1"
+    assert again["runs"] == summary["runs"]
+    for arm, per_seed in again["selected"].items():
+        for seed, chosen in per_seed.items():
+            runs = [r for r in summary["runs"] if r["arm"] == arm and r["seed"] == int(seed)]
+            best = max(runs, key=lambda r: (r["val"]["pass@1"], -r["lr"]))
+            assert (chosen["lr"], chosen["val_score"]) == (best["lr"], best["val"]["pass@1"])
+    assert "by validation pass@1" in (copy / "table.md").read_text()
+
+
 def _large_k_script() -> Any:
     import importlib.util
 

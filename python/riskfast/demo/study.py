@@ -20,9 +20,10 @@ again with the same ``--out`` skips what is finished (a run interrupted midway r
 from its warm start), so an interrupted study resumes and a finished one only rebuilds
 its report. Settings that change results are stored in ``OUT/study_config.json``; a
 second run with other settings in the same folder is refused (seeds, arms and grids may
-grow). On one machine the results are bit for bit a function of the settings (the
-thread count is one of them, ``--threads``, default 1, though 1 and 2 threads gave equal
-bits on the development machine); across machines they are not (another CPU instruction
+grow, and ``--select`` may change: it picks among finished runs and retrains nothing). On
+one machine the results are bit for bit a function of the settings (the thread count
+is one of them, ``--threads``, default 1, though 1 and 2 threads gave equal bits on the
+development machine); across machines they are not (another CPU instruction
 set or BLAS code path changes the bits, then the rollouts): ``summary.json`` records
 the machine.
 
@@ -237,6 +238,16 @@ def study_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+REPORT_ONLY = ("select",)
+"""Keys of :func:`study_config` that change the report but no run: a finished study can be
+summarised again under another ``--select`` without retraining anything."""
+
+
+def _run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without :data:`REPORT_ONLY` (what a stored run must match)."""
+    return {k: v for k, v in config.items() if k not in REPORT_ONLY}
+
+
 def _run_dir(out: Path, seed: int, arm: str, lr: float) -> Path:
     return out / f"seed{seed}" / arm / f"lr{lr:g}"
 
@@ -320,7 +331,9 @@ def run_one(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> di
                    "options": args.arm_options[arm_name]}
     if result_path.exists():
         saved = json.loads(result_path.read_text())
-        if saved.get("fingerprint") == fingerprint:
+        stored = saved.get("fingerprint") or {}
+        if {**stored, "config": _run_settings(stored.get("config", {}))} == {
+            **fingerprint, "config": _run_settings(fingerprint["config"])}:
             return saved
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -567,8 +580,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     config = study_config(args)
     config_path = out / "study_config.json"
     if config_path.exists():
-        stored = json.loads(config_path.read_text())
-        changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        stored = _run_settings(json.loads(config_path.read_text()))
+        current = _run_settings(config)
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if changed:
             raise ValueError(
                 f"out: {out} holds a study made with other settings ({', '.join(changed)}); "
