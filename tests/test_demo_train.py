@@ -69,6 +69,12 @@ def test_rl_questions_fresh_draws_or_epochs_over_a_fixed_set() -> None:
         rl_questions(5, train_questions=True)
     with pytest.raises(ValueError, match="^count: must be >= 0"):
         rl_questions(-1, train_questions=3)
+    # one-digit questions: 100 pairs, about half of them in the training split
+    ones = len(sample_questions(1000, "train", max_digits=1, unique=True))
+    assert 30 < ones < 70
+    assert len(set(rl_questions(2 * ones, max_digits=1, train_questions=ones))) == ones
+    with pytest.raises(ValueError, match=f"^train_questions: .* only {ones} distinct"):
+        rl_questions(5, max_digits=1, train_questions=ones + 1)
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,11 @@ def rl_questions(
     if train_questions < 1:
         raise ValueError(f"train_questions: must be >= 1, got {train_questions}")
     pool = sample_questions(train_questions, "train", max_digits=max_digits, seed=seed, unique=True)
+    if len(pool) < train_questions:
+        raise ValueError(
+            f"train_questions: the training pool of levels 1..{max_digits} yields only "
+            f"{len(pool)} distinct questions, got {train_questions}"
+        )
     order = random.Random(f"epochs-{seed}-{max_digits}")
     out: list[Question] = []
     while len(out) < count:
