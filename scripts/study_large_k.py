@@ -12,7 +12,10 @@ paired differences. Usage (the study's own command line after ``--``)::
     .venv/bin/python scripts/study_large_k.py --samples 64 --jobs 2 -- \\
         --arms grpo official-math ... --out riskfast_out/study-hard
 
-Writes ``OUT/large_k.json`` and prints a Markdown table.
+Writes ``OUT/large_k.json`` and prints a Markdown table. A run already in
+``OUT/large_k.json`` at the same ``--samples`` (same seed, arm and selected rate) is
+reused rather than retrained, so a study grown by more seeds retrains only the new
+ones; ``--fresh`` retrains everything.
 """
 
 from __future__ import annotations
@@ -136,6 +139,23 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
     }
 
 
+def _key(seed: int, arm_name: str | None, lr: float | None) -> tuple[int, str, float | None]:
+    return seed, arm_name or "warm start", lr
+
+
+def _stored_runs(path: Path, samples: int) -> dict[tuple[int, str, float | None], Any]:
+    """The runs of an earlier ``large_k.json`` made with the same number of samples."""
+    if not path.exists():
+        return {}
+    stored = json.loads(path.read_text())
+    if stored.get("samples") != samples:
+        return {}
+    return {
+        _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r
+        for r in stored["runs"]
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -144,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     own = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     own.add_argument("--samples", type=int, default=64, help="completions per question (64)")
     own.add_argument("--jobs", type=int, default=1, help="runs at once (1)")
+    own.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain every run, even those already in OUT/large_k.json",
+    )
     opts = own.parse_args(argv[:cut])
     study_argv = argv[cut + 1 :]
     if opts.samples < 1 or opts.jobs < 1:
@@ -156,15 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms
         for seed in args.seeds
     ]
-    if opts.jobs == 1:
-        rows = [_one(t) for t in tasks]
+    done = {} if opts.fresh else _stored_runs(args.out / "large_k.json", opts.samples)
+    todo = [t for t in tasks if _key(t[1], t[2], t[3]) not in done]
+    if len(todo) < len(tasks):
+        print(
+            f"[large_k] reusing {len(tasks) - len(todo)} runs from {args.out / 'large_k.json'}",
+            flush=True,
+        )
+    if opts.jobs == 1 or len(todo) <= 1:
+        fresh = [_one(t) for t in todo]
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(
             opts.jobs, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
-            rows = list(pool.map(_one, tasks))
+            fresh = list(pool.map(_one, todo))
+    new = {
+        _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r for r in fresh
+    }
+    rows = [new.get(k) or done[k] for k in (_key(t[1], t[2], t[3]) for t in tasks)]
     from riskfast.demo.study import _cell, t_interval
 
     metrics = list(rows[0]["test"])

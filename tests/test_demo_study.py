@@ -131,7 +131,7 @@ def test_demo_trains_on_a_fixed_set_when_asked(tmp_path_factory: pytest.TempPath
     """``--train-questions N``: the RL prompts are epochs over N fixed training questions,
     and the summary says so."""
     pytest.importorskip("trl", reason="the demo trains through TRL: pip install 'riskfast[trl]'")
-    import riskfast.demo.train as train
+    from riskfast.demo import train
     from riskfast.demo.task import rl_questions
 
     streams: list[list[Any]] = []
@@ -299,6 +299,37 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
     ]
     with pytest.raises(SystemExit):
         script.main(["--samples", "16"])  # no "--" before the study's options
+
+    # a second call reuses every stored run (nothing retrained, the same file), a call
+    # over more seeds than were stored retrains only the missing ones, and --fresh or
+    # another --samples retrains everything
+    calls: list[tuple[int, str | None]] = []
+    real_one = script._one
+
+    def counting_one(task: Any) -> Any:
+        calls.append((task[1], task[2]))
+        return real_one(task)
+
+    script._one = counting_one
+    first = (copy / "large_k.json").read_text()
+    assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    assert calls == [] and (copy / "large_k.json").read_text() == first
+    trimmed = json.loads(first)
+    trimmed["runs"] = [r for r in trimmed["runs"] if r["seed"] == 0]
+    (copy / "large_k.json").write_text(json.dumps(trimmed))
+    assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    assert sorted(calls, key=str) == sorted([(1, None), (1, "grpo"), (1, "paper"),
+                                             (1, "official-math")], key=str)
+    again, before = json.loads((copy / "large_k.json").read_text()), json.loads(first)
+    for row in again["runs"] + before["runs"]:
+        row.pop("seconds")
+    assert again["runs"] == before["runs"] and again["table"] == before["table"]
+    calls.clear()
+    assert script.main(["--samples", "8", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    assert len(calls) == 8
+    calls.clear()
+    assert script.main(["--samples", "8", "--fresh", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    assert len(calls) == 8
 
 
 def test_study_resumes_an_interrupted_study(tiny_study: tuple[Path, dict[str, Any]],
