@@ -332,6 +332,23 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
     assert len(calls) == 8
 
 
+def test_study_in_parallel_equals_the_study_in_one_process(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``--jobs 2`` trains the warm starts and then the runs two at a time, each in its own
+    process on one thread: every number equals the one-process study's, to the bit."""
+    _, summary = tiny_study
+    parallel = tmp_path / "out"
+    assert main([*STUDY_ARGV, "--out", str(parallel), "--jobs", "2", "--no-plot"]) == 0
+    again = json.loads((parallel / "summary.json").read_text())
+    assert again["warm_start"] == {
+        s: {**w, "seconds": again["warm_start"][s]["seconds"]} for s, w in summary["warm_start"].items()
+    }
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]
+    assert strip(again["runs"]) == strip(summary["runs"])
+    assert again["table"] == summary["table"] and again["selected"] == summary["selected"]
+
+
 def test_study_resumes_an_interrupted_study(tiny_study: tuple[Path, dict[str, Any]],
                                             tmp_path: Path) -> None:
     out, summary = tiny_study

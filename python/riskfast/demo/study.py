@@ -165,8 +165,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     add("--test-questions", type=int, default=None, help="test questions (default 200)")
     add("--threads", type=int, default=1, help="torch threads per run (default 1)")
     add("--jobs", type=int, default=1,
-        help="runs trained at once, each in its own process on --threads threads (default 1); "
-        "results do not depend on it")
+        help="warm starts, then runs, trained at once, each in its own process on --threads "
+        "threads (default 1); results do not depend on it")
     add("--device", default="cpu", help="cpu (default), cuda, ...")
     add("--no-plot", action="store_true", help="skip report.png")
     add("--quick", action="store_true",
@@ -390,6 +390,15 @@ def run_one(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> di
     return result
 
 
+def _warm_task(task: tuple[argparse.Namespace, int]) -> tuple[int, dict[str, Any], float]:
+    args, seed = task
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    started = time.perf_counter()
+    result = prepare_seed(args, seed)
+    return seed, result, time.perf_counter() - started
+
+
 def _run_task(task: tuple[argparse.Namespace, int, str, float]) -> tuple[int, str, float, float]:
     args, seed, arm, lr = task
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -591,25 +600,29 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     else:
         _write_json(config_path, config)
     started = time.perf_counter()
-    warm = {}
-    for seed in args.seeds:
-        print(f"[study] seed {seed}: warm start", flush=True)
-        warm[seed] = prepare_seed(args, seed)
     tasks = [(args, seed, arm, lr) for seed in args.seeds for arm in args.arms
              for lr in args.grids[arm]]
-    print(f"[study] {len(tasks)} runs ({args.jobs} at a time)", flush=True)
-    if args.jobs == 1:
-        for i, task in enumerate(tasks, 1):
-            seed, arm, lr, seconds = _run_task(task)
+    warm = {}
+
+    def work(pool: ProcessPoolExecutor | None) -> None:
+        """Warm starts first (the runs start from them), then the runs; ``--jobs`` at a time."""
+        run_map = map if pool is None else pool.map
+        print(f"[study] {len(args.seeds)} warm starts ({args.jobs} at a time)", flush=True)
+        for seed, result, seconds in run_map(_warm_task, [(args, seed) for seed in args.seeds]):
+            warm[seed] = result
+            print(f"[study] seed {seed}: warm start ready ({seconds:.0f} s)", flush=True)
+        print(f"[study] {len(tasks)} runs ({args.jobs} at a time)", flush=True)
+        for i, (seed, arm, lr, seconds) in enumerate(run_map(_run_task, tasks), 1):
             print(f"[study] {i}/{len(tasks)} seed {seed} {arm} lr {lr:g}: {seconds:.0f} s", flush=True)
+
+    if args.jobs == 1:
+        work(None)
     else:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            for i, (seed, arm, lr, seconds) in enumerate(pool.map(_run_task, tasks), 1):
-                print(f"[study] {i}/{len(tasks)} seed {seed} {arm} lr {lr:g}: {seconds:.0f} s",
-                      flush=True)
+            work(pool)
     runs = {(seed, arm, lr): run_one(args, seed, arm, lr) for (_, seed, arm, lr) in tasks}
     result = summarize(args, warm, runs)
     summary: dict[str, Any] = {
