@@ -7,7 +7,8 @@ that its 16-sample test pass@1 and pass@16 equal the study's ``result.json`` exa
 then samples ``--samples`` completions per test question at temperature 1 and reports
 the unbiased pass@k (spec ``riskpo.md`` section 6) for k = 1, 2, 4, ..., ``--samples``,
 for the warm start and every arm, with mean and 95% t-interval over seeds and the
-paired differences. Usage (the study's own command line after ``--``)::
+paired differences; then the same per question level (number of digits) at k = 1, 16 and
+``--samples``. Usage (the study's own command line after ``--``)::
 
     .venv/bin/python scripts/study_large_k.py --samples 64 --jobs 2 -- \\
         --arms grpo official-math ... --out riskfast_out/study-hard
@@ -15,7 +16,8 @@ paired differences. Usage (the study's own command line after ``--``)::
 Writes ``OUT/large_k.json`` and prints a Markdown table. A run already in
 ``OUT/large_k.json`` at the same ``--samples`` (same seed, arm and selected rate) is
 reused rather than retrained, so a study grown by more seeds retrains only the new
-ones; ``--fresh`` retrains everything.
+ones; ``--fresh`` retrains everything (runs stored by the script before it kept the
+per-level numbers have none, and the per-level table needs every run's).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _evaluate(
     args: argparse.Namespace,
     seed: int,
     samples: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """pass@k for k = 1, 2, 4, ..., ``samples`` and the entropy; and pass@k per level."""
     from riskfast.demo.task import evaluate
 
     ks = [k for k in (2**i for i in range(samples.bit_length())) if k <= samples]
@@ -57,7 +60,11 @@ def _evaluate(
         seed=seed + 1000,  # the study's own evaluation seed: 16 samples give its numbers
         max_new_tokens=args.max_digits + 3,
     )
-    return {**{f"pass@{k}": v for k, v in ev.pass_at.items()}, "entropy": ev.entropy}
+    by_level = {
+        str(level): {f"pass@{k}": v for k, v in row.items()}
+        for level, row in ev.pass_at_by_level.items()
+    }
+    return {**{f"pass@{k}": v for k, v in ev.pass_at.items()}, "entropy": ev.entropy}, by_level
 
 
 def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
@@ -128,12 +135,13 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
                 f"seed {seed} {arm_name} lr {lr}: retrained run differs from "
                 f"the study's ({check}); same machine and commit?"
             )
-    out = _evaluate(model, tokenizer, test, args, seed, samples)
+    out, by_level = _evaluate(model, tokenizer, test, args, seed, samples)
     return {
         "seed": seed,
         "arm": arm_name or "warm start",
         "lr": lr,
         "test": out,
+        "test_by_level": by_level,
         "check_vs_study": check,
         "seconds": time.perf_counter() - started,
     }
@@ -154,6 +162,28 @@ def _stored_runs(path: Path, samples: int) -> dict[tuple[int, str, float | None]
         _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r
         for r in stored["runs"]
     }
+
+
+def _tables(
+    by: dict[tuple[str, int], dict[str, float]],
+    seeds: list[int],
+    arms: list[str],
+    pairs: list[tuple[str, str]],
+    metrics: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean and 95% t-interval over seeds of each arm and of each paired difference."""
+    from riskfast.demo.study import t_interval
+
+    table = {
+        arm: {m: t_interval([by[(arm, s)][m] for s in seeds]) for m in metrics} for arm in arms
+    }
+    diffs = {
+        f"{a} - {b}": {
+            m: t_interval([by[(a, s)][m] - by[(b, s)][m] for s in seeds]) for m in metrics
+        }
+        for a, b in pairs
+    }
+    return table, diffs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,33 +231,36 @@ def main(argv: list[str] | None = None) -> int:
         _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r for r in fresh
     }
     rows = [new.get(k) or done[k] for k in (_key(t[1], t[2], t[3]) for t in tasks)]
-    from riskfast.demo.study import _cell, t_interval
+    from riskfast.demo.study import _cell
 
     metrics = list(rows[0]["test"])
-    by = {(r["arm"], r["seed"]): r["test"] for r in rows}
     arms = ["warm start", *args.arms]
-    table = {
-        arm: {m: t_interval([by[(arm, s)][m] for s in args.seeds]) for m in metrics} for arm in arms
-    }
     pairs = [(a, "grpo") for a in args.arms if a != "grpo" and "grpo" in args.arms]
     pairs += [(a, "warm start") for a in args.arms]
-    diffs = {
-        f"{a} - {b}": {
-            m: t_interval([by[(a, s)][m] - by[(b, s)][m] for s in args.seeds]) for m in metrics
-        }
-        for a, b in pairs
-    }
-    (args.out / "large_k.json").write_text(
-        json.dumps(
-            {"samples": opts.samples, "runs": rows, "table": table, "differences": diffs}, indent=2
-        )
+    table, diffs = _tables(
+        {(r["arm"], r["seed"]): r["test"] for r in rows}, args.seeds, arms, pairs, metrics
     )
-
+    result = {"samples": opts.samples, "runs": rows, "table": table, "differences": diffs}
     print("| arm | " + " | ".join(metrics) + " |")
     print("| --- |" + " --- |" * len(metrics))
     for name, row in [*table.items(), *diffs.items()]:
-        signed = " - " in name
-        print(f"| {name} | " + " | ".join(_cell(row[m], signed) for m in metrics) + " |")
+        print(f"| {name} | " + " | ".join(_cell(row[m], " - " in name) for m in metrics) + " |")
+    if all("test_by_level" in r for r in rows):  # runs stored by an older script lack it
+        levels = sorted(set.intersection(*(set(r["test_by_level"]) for r in rows)), key=int)
+        shown = [m for m in ("pass@1", "pass@16", f"pass@{opts.samples}") if m in metrics]
+        result["by_level"] = {}
+        print("\n| level | arm | " + " | ".join(shown) + " |")
+        print("| --- | --- |" + " --- |" * len(shown))
+        for level in levels:
+            by = {(r["arm"], r["seed"]): r["test_by_level"][level] for r in rows}
+            ptable, pdiffs = _tables(
+                by, args.seeds, arms, pairs, [m for m in metrics if m != "entropy"]
+            )
+            result["by_level"][level] = {"table": ptable, "differences": pdiffs}
+            for name, row in [*ptable.items(), *pdiffs.items()]:
+                cells = " | ".join(_cell(row[m], " - " in name) for m in shown)
+                print(f"| {level} | {name} | {cells} |")
+    (args.out / "large_k.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

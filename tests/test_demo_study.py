@@ -297,6 +297,24 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
     assert result["table"]["grpo"]["pass@16"]["values"] == [
         expected[("grpo", s)]["pass@16"] for s in (0, 1)
     ]
+    # per level: the levels' pass@k, weighted by their number of test questions, is the
+    # overall pass@k of each run; the per-level table is over the same seeds
+    from collections import Counter
+
+    from riskfast.demo.study import _questions
+
+    args = script._study_args([*STUDY_ARGV[1:], "--out", str(copy)])
+    for run in result["runs"]:
+        counts = Counter(q.level for q in _questions(args, run["seed"])[1])
+        for metric in ("pass@1", "pass@16"):
+            weighted = sum(counts[int(lvl)] * v[metric] for lvl, v in run["test_by_level"].items())
+            assert weighted / sum(counts.values()) == pytest.approx(run["test"][metric], abs=1e-12)
+    level = next(iter(result["by_level"]))
+    assert result["by_level"][level]["table"]["grpo"]["pass@16"]["values"] == [
+        by_seed["test_by_level"][level]["pass@16"]
+        for by_seed in result["runs"] if by_seed["arm"] == "grpo"
+    ]
+    assert "grpo - warm start" in result["by_level"][level]["differences"]
     with pytest.raises(SystemExit):
         script.main(["--samples", "16"])  # no "--" before the study's options
 
