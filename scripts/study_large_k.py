@@ -13,11 +13,12 @@ paired differences; then the same per question level (number of digits) at k = 1
     .venv/bin/python scripts/study_large_k.py --samples 64 --jobs 2 -- \\
         --arms grpo official-math ... --out riskfast_out/study-hard
 
-Writes ``OUT/large_k.json`` and prints a Markdown table. A run already in
-``OUT/large_k.json`` at the same ``--samples`` (same seed, arm and selected rate) is
-reused rather than retrained, so a study grown by more seeds retrains only the new
-ones; ``--fresh`` retrains everything (runs stored by the script before it kept the
-per-level numbers have none, and the per-level table needs every run's).
+Writes ``OUT/large_k.json`` (each run as it finishes, so an interrupted call resumes)
+and prints Markdown tables. A run already there at the same ``--samples`` (same seed,
+arm and selected rate) is reused rather than retrained, so a study grown by more seeds
+retrains only the new ones; runs stored before the script kept per-level numbers are
+retrained, unless ``--report-only`` (tables from the stored runs, retraining nothing);
+``--fresh`` retrains everything.
 """
 
 from __future__ import annotations
@@ -199,10 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="retrain every run, even those already in OUT/large_k.json",
     )
+    own.add_argument(
+        "--report-only",
+        action="store_true",
+        help="retrain nothing: tables from the runs already in OUT/large_k.json, "
+        "those stored before the per-level numbers included",
+    )
     opts = own.parse_args(argv[:cut])
     study_argv = argv[cut + 1 :]
     if opts.samples < 1 or opts.jobs < 1:
         raise SystemExit("--samples and --jobs must be >= 1")
+    if opts.fresh and opts.report_only:
+        raise SystemExit("--fresh and --report-only exclude each other")
     args = _study_args(study_argv)
     summary = json.loads((args.out / "summary.json").read_text())
     tasks = [(study_argv, seed, None, None, opts.samples) for seed in args.seeds]
@@ -211,26 +220,43 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms
         for seed in args.seeds
     ]
-    done = {} if opts.fresh else _stored_runs(args.out / "large_k.json", opts.samples)
+    path = args.out / "large_k.json"
+    previous = _stored_runs(path, opts.samples)
+    stored = {} if opts.fresh else previous
+    # a stored run is reused when it holds every number this script records
+    done = {k: r for k, r in stored.items() if opts.report_only or "test_by_level" in r}
     todo = [t for t in tasks if _key(t[1], t[2], t[3]) not in done]
+    if opts.report_only and todo:
+        missing = ", ".join(f"seed {t[1]} {t[2] or 'warm start'}" for t in todo)
+        raise SystemExit(f"--report-only: {path} has no {opts.samples}-sample run for {missing}")
+    todo.sort(key=lambda t: _key(t[1], t[2], t[3]) in stored)  # runs never stored first
     if len(todo) < len(tasks):
-        print(
-            f"[large_k] reusing {len(tasks) - len(todo)} runs from {args.out / 'large_k.json'}",
-            flush=True,
+        print(f"[large_k] reusing {len(tasks) - len(todo)} runs from {path}", flush=True)
+    merged = dict(previous)
+
+    def keep(row: dict[str, Any]) -> None:
+        """Store each finished run at once: an interrupted call loses only running ones."""
+        merged[_key(row["seed"], None if row["arm"] == "warm start" else row["arm"], row["lr"])] = (
+            row
         )
+        path.write_text(
+            json.dumps({"samples": opts.samples, "runs": list(merged.values())}, indent=2)
+        )
+        print(f"[large_k] seed {row['seed']} {row['arm']}: {row['seconds']:.0f} s", flush=True)
+
     if opts.jobs == 1 or len(todo) <= 1:
-        fresh = [_one(t) for t in todo]
+        for task in todo:
+            keep(_one(task))
     else:
         import multiprocessing
+        from concurrent.futures import as_completed
 
         with ProcessPoolExecutor(
             opts.jobs, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
-            fresh = list(pool.map(_one, todo))
-    new = {
-        _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r for r in fresh
-    }
-    rows = [new.get(k) or done[k] for k in (_key(t[1], t[2], t[3]) for t in tasks)]
+            for future in as_completed([pool.submit(_one, t) for t in todo]):
+                keep(future.result())
+    rows = [merged[_key(t[1], t[2], t[3])] for t in tasks]
     from riskfast.demo.study import _cell
 
     metrics = list(rows[0]["test"])

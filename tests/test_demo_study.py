@@ -349,6 +349,43 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
     assert script.main(["--samples", "8", "--fresh", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
     assert len(calls) == 8
 
+    # a run stored without per-level numbers (an older script's) is retrained, unless
+    # --report-only, which tables the stored runs and leaves the per-level table out
+    full = json.loads((copy / "large_k.json").read_text())
+    older = json.loads(json.dumps(full))
+    del older["runs"][0]["test_by_level"]
+    (copy / "large_k.json").write_text(json.dumps(older))
+    calls.clear()
+    argv8 = ["--samples", "8", "--", *STUDY_ARGV[1:], "--out", str(copy)]
+    assert script.main(["--report-only", *argv8]) == 0
+    reported = json.loads((copy / "large_k.json").read_text())
+    assert calls == [] and "by_level" not in reported and reported["table"] == full["table"]
+    assert script.main(argv8) == 0
+    assert calls == [(older["runs"][0]["seed"], None)]  # the warm start of the first seed
+    assert json.loads((copy / "large_k.json").read_text())["by_level"] == full["by_level"]
+    (copy / "large_k.json").write_text(json.dumps({**older, "runs": older["runs"][1:]}))
+    with pytest.raises(SystemExit, match="seed 0 warm start"):
+        script.main(["--report-only", *argv8])
+
+    # each finished run is stored at once: a call that dies midway keeps the runs it
+    # finished and every earlier one, and the next call trains only what is left
+    (copy / "large_k.json").write_text(json.dumps(full))
+    calls.clear()
+
+    def dies_on_the_third(task: Any) -> Any:
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return counting_one(task)
+
+    script._one = dies_on_the_third
+    with pytest.raises(RuntimeError, match="interrupted"):
+        script.main(["--fresh", *argv8])
+    kept = json.loads((copy / "large_k.json").read_text())
+    assert len(kept["runs"]) == 8 and "table" not in kept
+    assert sum(r["seconds"] != f["seconds"] for r, f in zip(kept["runs"], full["runs"])) == 2
+    with pytest.raises(SystemExit, match="exclude"):
+        script.main(["--fresh", "--report-only", *argv8])
+
 
 def test_study_in_parallel_equals_the_study_in_one_process(
     tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
