@@ -149,6 +149,7 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
 
 
 def _key(seed: int, arm_name: str | None, lr: float | None) -> tuple[int, str, float | None]:
+    """A run's key in ``large_k.json``: the warm start is arm None in a task, "warm start" in a row."""
     return seed, arm_name or "warm start", lr
 
 
@@ -159,10 +160,7 @@ def _stored_runs(path: Path, samples: int) -> dict[tuple[int, str, float | None]
     stored = json.loads(path.read_text())
     if stored.get("samples") != samples:
         return {}
-    return {
-        _key(r["seed"], None if r["arm"] == "warm start" else r["arm"], r["lr"]): r
-        for r in stored["runs"]
-    }
+    return {_key(r["seed"], r["arm"], r["lr"]): r for r in stored["runs"]}
 
 
 def _tables(
@@ -236,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def keep(row: dict[str, Any]) -> None:
         """Store each finished run at once: an interrupted call loses only running ones."""
-        merged[_key(row["seed"], None if row["arm"] == "warm start" else row["arm"], row["lr"])] = (
-            row
-        )
+        merged[_key(row["seed"], row["arm"], row["lr"])] = row
         path.write_text(
             json.dumps({"samples": opts.samples, "runs": list(merged.values())}, indent=2)
         )
@@ -266,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     table, diffs = _tables(
         {(r["arm"], r["seed"]): r["test"] for r in rows}, args.seeds, arms, pairs, metrics
     )
-    result = {"samples": opts.samples, "runs": rows, "table": table, "differences": diffs}
+    others = [r for r in merged.values() if r not in rows]  # other seeds' stored runs, kept
+    result = {
+        "samples": opts.samples,
+        "runs": rows + others,
+        "table": table,
+        "differences": diffs,
+    }
     print("| arm | " + " | ".join(metrics) + " |")
     print("| --- |" + " --- |" * len(metrics))
     for name, row in [*table.items(), *diffs.items()]:
