@@ -163,28 +163,6 @@ def _stored_runs(path: Path, samples: int) -> dict[tuple[int, str, float | None]
     return {_key(r["seed"], r["arm"], r["lr"]): r for r in stored["runs"]}
 
 
-def _tables(
-    by: dict[tuple[str, int], dict[str, float]],
-    seeds: list[int],
-    arms: list[str],
-    pairs: list[tuple[str, str]],
-    metrics: list[str],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Mean and 95% t-interval over seeds of each arm and of each paired difference."""
-    from riskfast.demo.study import t_interval
-
-    table = {
-        arm: {m: t_interval([by[(arm, s)][m] for s in seeds]) for m in metrics} for arm in arms
-    }
-    diffs = {
-        f"{a} - {b}": {
-            m: t_interval([by[(a, s)][m] - by[(b, s)][m] for s in seeds]) for m in metrics
-        }
-        for a, b in pairs
-    }
-    return table, diffs
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -253,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             for future in as_completed([pool.submit(_one, t) for t in todo]):
                 keep(future.result())
     rows = [merged[_key(t[1], t[2], t[3])] for t in tasks]
-    from riskfast.demo.study import _cell
+    from riskfast.demo.study import _cell, seed_tables
 
     metrics = list(rows[0]["test"])
     arms = ["warm start", *args.arms]
     pairs = [(a, "grpo") for a in args.arms if a != "grpo" and "grpo" in args.arms]
     pairs += [(a, "warm start") for a in args.arms]
-    table, diffs = _tables(
+    table, diffs = seed_tables(
         {(r["arm"], r["seed"]): r["test"] for r in rows}, args.seeds, arms, pairs, metrics
     )
     others = [r for r in merged.values() if r not in rows]  # other seeds' stored runs, kept
@@ -281,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | --- |" + " --- |" * len(shown))
         for level in levels:
             by = {(r["arm"], r["seed"]): r["test_by_level"][level] for r in rows}
-            ptable, pdiffs = _tables(
+            ptable, pdiffs = seed_tables(
                 by, args.seeds, arms, pairs, [m for m in metrics if m != "entropy"]
             )
             result["by_level"][level] = {"table": ptable, "differences": pdiffs}

@@ -190,6 +190,23 @@ def test_t_interval() -> None:
     assert t_interval([0.5])["low"] is None
 
 
+def test_seed_tables_pair_each_seed_before_averaging() -> None:
+    """Hand case: a = (1, 3), b = (0, 1) over seeds 0, 1. The paired differences are
+    (1, 2): mean 1.5, standard deviation 1/sqrt(2), half-width t(1) 12.706 * 0.5; the
+    unpaired arms' half-widths are 12.706 * 1 and 12.706 * 0.5."""
+    from riskfast.demo.study import seed_tables
+
+    by = {("a", 0): {"m": 1.0}, ("a", 1): {"m": 3.0}, ("b", 0): {"m": 0.0}, ("b", 1): {"m": 1.0}}
+    table, diffs = seed_tables(by, [0, 1], ["a", "b"], [("a", "b")], ["m"])
+    assert list(diffs) == ["a - b"] and list(table) == ["a", "b"]
+    d = diffs["a - b"]["m"]
+    assert d["values"] == [1.0, 2.0] and d["mean"] == 1.5
+    assert d["high"] - 1.5 == pytest.approx(12.706 * 0.5, abs=1e-3)
+    assert table["a"]["m"]["mean"] == 2.0
+    assert table["a"]["m"]["high"] - 2.0 == pytest.approx(12.706, abs=1e-3)
+    assert table["b"]["m"]["high"] - 0.5 == pytest.approx(12.706 * 0.5, abs=1e-3)
+
+
 STUDY_ARGV = ["study", "--quick", "--seeds", "0", "1", "--arms", "grpo", "paper", "official-math",
               "--lr-grid", "official-math=1e-3", "--device", "cpu"]
 

@@ -408,6 +408,23 @@ def _run_task(task: tuple[argparse.Namespace, int, str, float]) -> tuple[int, st
     return seed, arm, lr, time.perf_counter() - started
 
 
+def seed_tables(
+    by: dict[tuple[str, int], dict[str, float]],
+    seeds: Sequence[int],
+    arms: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    metrics: Sequence[str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Mean and 95% t-interval over ``seeds`` of each arm's metrics, ``by[(arm, seed)][m]``,
+    and of each paired difference ``a - b`` (the same seed's values subtracted first)."""
+    table = {arm: {m: t_interval([by[(arm, s)][m] for s in seeds]) for m in metrics} for arm in arms}
+    differences = {
+        f"{a} - {b}": {m: t_interval([by[(a, s)][m] - by[(b, s)][m] for s in seeds]) for m in metrics}
+        for a, b in pairs
+    }
+    return table, differences
+
+
 def _select_value(block: dict[str, Any], metric: str) -> float:
     if metric == "mean_pass@k":
         return sum(block[f"pass@{k}"] for k in KS) / len(KS)
@@ -424,28 +441,18 @@ def summarize(args: argparse.Namespace, warm: dict[int, Any], runs: dict[tuple, 
             # Highest validation score; ties go to the smaller learning rate.
             best = max(candidates, key=lambda r: (_select_value(r["val"], args.select), -r["lr"]))
             selected[arm][seed] = best
-    table = [{"arm": "warm start", "seeds": list(args.seeds),
-              **{m: t_interval([warm[s]["test"][m] for s in args.seeds]) for m in METRICS}}]
-    for arm in args.arms:
-        table.append({"arm": arm, "seeds": list(args.seeds),
-                      **{m: t_interval([selected[arm][s]["test"][m] for s in args.seeds])
-                         for m in METRICS}})
-    differences = []
-    for arm in args.arms:
-        if arm == "grpo" or "grpo" not in args.arms:
-            continue
-        differences.append({
-            "arm": f"{arm} - grpo", "seeds": list(args.seeds),
-            **{m: t_interval([selected[arm][s]["test"][m] - selected["grpo"][s]["test"][m]
-                              for s in args.seeds]) for m in METRICS},
-        })
-    against_start = []
-    for arm in args.arms:
-        against_start.append({
-            "arm": f"{arm} - warm start", "seeds": list(args.seeds),
-            **{m: t_interval([selected[arm][s]["test"][m] - warm[s]["test"][m] for s in args.seeds])
-               for m in METRICS},
-        })
+    by = {("warm start", s): warm[s]["test"] for s in args.seeds}
+    by.update({(arm, s): selected[arm][s]["test"] for arm in args.arms for s in args.seeds})
+    vs_grpo = [(arm, "grpo") for arm in args.arms if arm != "grpo" and "grpo" in args.arms]
+    vs_start = [(arm, "warm start") for arm in args.arms]
+    arms, pairs = seed_tables(by, args.seeds, ["warm start", *args.arms], vs_grpo + vs_start, METRICS)
+
+    def rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"arm": name, "seeds": list(args.seeds), **row} for name, row in stats.items()]
+
+    table = rows(arms)
+    differences = rows({f"{a} - {b}": pairs[f"{a} - {b}"] for a, b in vs_grpo})
+    against_start = rows({f"{a} - {b}": pairs[f"{a} - {b}"] for a, b in vs_start})
     return {
         "selected": {arm: {str(s): {"lr": r["lr"], "val_score": _select_value(r["val"], args.select)}
                            for s, r in per_seed.items()} for arm, per_seed in selected.items()},
