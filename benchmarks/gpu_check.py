@@ -51,6 +51,7 @@ without ``--dry-run`` it prints a message and exits with status 0.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -169,8 +170,10 @@ def _build() -> bool:
     return probe.returncode == 0
 
 
-def _run_tests() -> int:
+def _run_tests(workers: int) -> int:
     cmd = [sys.executable, "-m", "pytest", *TEST_FILES, "-q", "-p", "no:cacheprovider"]
+    if workers > 0 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]  # Triton's compiles are CPU-bound: spread them
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     try:
@@ -237,6 +240,7 @@ class Table:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, object]] = []
+        self.on_add: Callable[[], None] | None = None  # e.g. write the files so far
 
     def add(
         self,
@@ -259,6 +263,8 @@ class Table:
         }
         self.rows.append(row)
         print(" | ".join(self._cells(row)), flush=True)
+        if self.on_add is not None:
+            self.on_add()
 
     @staticmethod
     def _cells(row: dict[str, object]) -> tuple[str, ...]:
@@ -310,6 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-liger", action="store_true", help="skip Liger's rows")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweeps")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per row")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="after this many seconds skip the remaining torch.compile rows and sweeps "
+        "(0: never), so that a run with a hard time limit still times every kernel",
+    )
+    parser.add_argument(
+        "--test-workers",
+        type=int,
+        default=6,
+        help="pytest-xdist workers for the GPU tests when xdist is installed (0: none)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md/.json here")
     parser.add_argument(
         "--dry-run",
@@ -327,6 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     status = 0
+
+    def past_deadline(what: str) -> bool:
+        """True (and says so, naming ``what``) once ``--deadline-s`` has passed."""
+        if args.deadline_s <= 0 or time.time() - started < args.deadline_s:
+            return False
+        print(f"deadline ({args.deadline_s:.0f} s) passed: {what} skipped", flush=True)
+        return True
+
+    def compile_rows() -> bool:
+        return not args.no_compile and not past_deadline("torch.compile rows")
+
     if args.dry_run:
         args.no_build = args.no_tests = args.no_compile = True
         args.reps = 1
@@ -378,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if not args.no_tests:
-        status = _run_tests() or status
+        status = _run_tests(args.test_workers) or status
 
     timer = Timer(torch, dev, args.reps)
     table = Table()
@@ -398,6 +428,41 @@ def main(argv: list[str] | None = None) -> int:
         f"(spec ceiling {ceiling / 1e12:.1f} TB/s)",
         flush=True,
     )
+
+    rlr_stream: dict[str, object] = {}
+    compiled_ops = _compiled_ops_summary()
+
+    def caption() -> str:
+        return (
+            f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
+            f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
+            f"bwd counts 6NHV, policy loss fwd+bwd 6NHV; bundle advantages: 20 us target / "
+            f"measured); measured copy {copy_bw / 1e12:.2f} TB/s"
+        )
+
+    def save(done: bool) -> None:
+        """Write gpu_check.md/.json under ``--out`` (after every row, so that a run cut
+        off by its time limit still leaves what it measured; ``done`` says whether the
+        script reached its end)."""
+        if args.out is None:
+            return
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.md").write_text(f"{caption()}\n\n{table.markdown()}\n")
+        summary = {
+            "device": name,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "copy_bandwidth_tb_s": copy_bw / 1e12,
+            "status": status if done else None,
+            "finished": done,
+            "failures": failures,
+            "rlr_stream": rlr_stream,
+            "rlr_compiled_ops": compiled_ops,
+            "rows": table.rows,
+        }
+        (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    table.on_add = lambda: save(done=False)
 
     def memory_floor_ms(nbytes: float) -> float:
         """Milliseconds to move ``nbytes`` at the spec's copy bandwidth for this card."""
@@ -491,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             ("triton", lambda: selective_logprobs(logits, targets, backend="triton")),
             ("reference", lambda: selective_logprobs_reference(logits, targets)),
         ]
-        if not args.no_compile:
+        if compile_rows():
             compiled = torch.compile(selective_logprobs_reference, dynamic=False)
             variants.append(("torch.compile(reference)", lambda: compiled(logits, targets)))
         for variant, forward in variants:
@@ -531,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                 True,
             ),
         ]
-        if not args.no_compile:
+        if compile_rows():
             compiled = torch.compile(fused_linear_logprobs_reference, dynamic=False)
             variants.append(
                 (
@@ -593,9 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         advantages = torch.randn(b, device=dev, generator=gen)
         with torch.no_grad():
             logp0 = fused_linear_logprobs(hidden.view(b * t, h), weight, targets.view(-1))
-        old_logp = logp0.view(b, t).float() + 0.1 * torch.randn(
-            b, t, device=dev, generator=gen
-        )
+        old_logp = logp0.view(b, t).float() + 0.1 * torch.randn(b, t, device=dev, generator=gen)
         options = {"ratio_level": level, "eps_low": 0.2, "eps_high": 0.2, "agg": "token-mean"}
         shape = f"B={b} T={t} H={h} V={v} {dtype_name} {level}"
         flop = 6 * b * t * h * v
@@ -620,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             ("reference (dense logits + policy_loss)", dense),
         ]
         if liger_grpo is not None:
-            for compiled in (False, True) if not args.no_compile else (False,):
+            for compiled in (False, True) if compile_rows() else (False,):
                 module = liger_grpo(
                     beta=0.0, compiled=compiled, use_ref_model=False, epsilon_low=0.2,
                     epsilon_high=0.2, loss_type="dapo", importance_sampling_level=level,
@@ -895,8 +958,6 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"rlr philox_normal {variant}")
         timer.empty_cache()
 
-    rlr_stream: dict[str, object] = {}
-
     def check_rlr_stream(numel: int) -> None:
         """How the compiled CUDA stream compares with the CUDA reference (the same device
         math: expected bitwise) and with the CPU stream (MKL's float32 math: a few ulps).
@@ -957,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
             "compiled": lambda: transition_log_prob(*inputs, coefficients, backend="compiled"),
             "reference": lambda: transition_log_prob(*inputs, coefficients, backend="reference"),
         }
-        if not args.no_compile and dtype == torch.float32:  # one compile per shape: fp32 only
+        if compile_rows() and dtype == torch.float32:  # one compile per shape: fp32 only
             compiled_reference = torch.compile(transition_log_prob_reference, dynamic=False)
             variants["torch.compile(reference)"] = lambda: compiled_reference(
                 *inputs, coefficients
@@ -1124,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         run_rlr_noise(kind, torch.float32)
     run_rlr_noise("flat 860M", torch.bfloat16)
     run_rlr_normal(shapes["rlr_normal_numel"])
-    if not args.no_sweep:
+    if not args.no_sweep and not past_deadline("tile sweeps"):
         sweep_selective(*shapes["selective"][-1])
         sweep_fused(*shapes["fused"][-1])
     if timer.cuda:
@@ -1135,31 +1196,11 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         status = status or 1
 
-    caption = (
-        f"{name}, {time.strftime('%Y-%m-%d')}; floor fraction = floor time / measured "
-        f"(copy {ceiling / 1e12:.1f} TB/s, {TFLOPS_BF16 / 1e12:.0f} TFLOP/s bf16; fused "
-        f"bwd counts 6NHV, policy loss fwd+bwd 6NHV; bundle advantages: 20 us target / measured); measured copy "
-        f"{copy_bw / 1e12:.2f} TB/s"
-    )
-    print(f"\n{caption}\n{table.markdown()}")
+    print(f"\n{caption()}\n{table.markdown()}")
     if failures:
         print("failed rows:", "; ".join(failures))
     print(f"\ngpu_check: done in {time.time() - started:.0f} s, status {status}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.md").write_text(f"{caption}\n\n{table.markdown()}\n")
-        summary = {
-            "device": name,
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "copy_bandwidth_tb_s": copy_bw / 1e12,
-            "status": status,
-            "failures": failures,
-            "rlr_stream": rlr_stream,
-            "rlr_compiled_ops": _compiled_ops_summary(),
-            "rows": table.rows,
-        }
-        (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
+    save(done=True)
     return status
 
 

@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
     assert done.returncode == 0, report
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["status"] == 0 and summary["failures"] == [], report
+    assert summary["finished"] is True, report
     rows = {(r["kernel"], r["variant"]) for r in summary["rows"]}
     expected = set()
     for kernel in ("selective", "fused"):
@@ -58,3 +59,25 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
         assert math.isfinite(row["ms"]) and row["ms"] > 0, row
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| ") == len(summary["rows"]) + 2  # header, separator, rows
+
+
+def test_gpu_check_deadline_skips_the_sweeps_but_times_every_kernel(tmp_path) -> None:
+    """``--deadline-s``: a run that must end inside a device call's limit drops the tile
+    sweeps (and, on a GPU, the torch.compile rows) once the deadline has passed, and
+    still times every kernel; the files under ``--out`` are written after every row."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--no-liger", "--deadline-s", "0.001",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )
+    report = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, report
+    assert "deadline (0 s) passed: tile sweeps skipped" in done.stdout, report
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["finished"] is True and summary["status"] == 0, report
+    kernels = {r["kernel"] for r in summary["rows"]}
+    assert not any(k.startswith("sweep") for k in kernels), sorted(kernels)
+    for kernel in ("selective fwd", "fused fwd+bwd", "policy loss fwd+bwd", "bundle advantages",
+                   "rlr transition fwd", "rlr perturb_", "rlr philox_normal"):
+        assert kernel in kernels, (kernel, sorted(kernels))
