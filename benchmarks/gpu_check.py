@@ -360,13 +360,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.no_build = args.no_tests = args.no_compile = True
         args.reps = 1
-    if not args.no_build and not _build():
+    if not args.no_build:
+        if _build():
+            # The editable install's import hook is a .pth file, read when Python starts:
+            # this process, started before the build, would not see riskfast._C. Go on
+            # in a fresh interpreter (same options, the build done, the deadline kept).
+            rest = [*(sys.argv[1:] if argv is None else argv), "--no-build"]
+            if args.deadline_s > 0:  # the last --deadline-s given wins
+                left = args.deadline_s - (time.time() - started)
+                rest += ["--deadline-s", f"{max(left, 1.0):.1f}"]
+            print("build done: going on in a fresh interpreter", flush=True)
+            os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest])
         status = 1
     sys.path.insert(0, str(REPO / "python"))  # the source tree when the build is skipped
 
     import numpy
     import triton
 
+    from riskfast._extension import extension_error, load_extension
     from riskfast.ops import (
         TransitionCoefficients,
         accumulate_noise_,
@@ -386,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     from riskfast.riskpo import policy_loss
     from riskfast.riskpo.bundling import consecutive_layout, draw_bundling, member_response_table
 
+    if load_extension() is None:
+        print(f"riskfast._C not importable here ({extension_error()}): no compiled rows")
     fused_kernels = _load_kernels().fused_linear_logprobs
     dev = torch.device("cpu" if args.dry_run else "cuda")
     name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(dev)

@@ -130,9 +130,14 @@ def _column_offsets(cols, stride, WIDE_COLUMNS: tl.constexpr):
     tensor): narrow offsets keep the register count low, and with it the number of
     programs each SM holds, which a memory-bound kernel needs.
     """
+    # One return after a constexpr if/else: Triton's GPU compiler checks that every
+    # return of a function has one type, also one that follows a statically taken branch
+    # (the interpreter does not), so an early int64 return beside an int32 one fails.
     if WIDE_COLUMNS:
-        return cols.to(tl.int64) * stride
-    return cols * stride
+        offsets = cols.to(tl.int64) * stride
+    else:
+        offsets = cols * stride
+    return offsets
 
 
 @triton.jit

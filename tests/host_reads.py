@@ -74,6 +74,9 @@ class HostReadCounter(TorchDispatchMode):
         super().__init__()
         self.reads: Counter[str] = Counter()
         self._saved: dict[str, Any] = {}
+        # Inside a counted ``tolist``/``numpy``: on a GPU those copy to the host through
+        # ``aten._to_copy``, which is the same read and is not counted twice.
+        self._inside_counted_read = 0
 
     @property
     def total(self) -> int:
@@ -82,6 +85,8 @@ class HostReadCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _packet(func)
+        if self._inside_counted_read:
+            return func(*args, **kwargs)
         if (
             name in _VALUE_SIZED
             or (name in _INDEXING and _has_mask_index(args))
@@ -100,7 +105,11 @@ class HostReadCounter(TorchDispatchMode):
                 tensor: torch.Tensor, *a: Any, _m: str = method, _f: Any = original, **k: Any
             ):
                 self.reads[f"Tensor.{_m}"] += 1
-                return _f(tensor, *a, **k)
+                self._inside_counted_read += 1
+                try:
+                    return _f(tensor, *a, **k)
+                finally:
+                    self._inside_counted_read -= 1
 
             setattr(torch.Tensor, method, counted)
         return super().__enter__()

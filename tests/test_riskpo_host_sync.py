@@ -105,6 +105,24 @@ def test_host_read_counter_sees_each_kind_of_host_read() -> None:
     assert torch.Tensor.tolist is tolist and torch.Tensor.numpy is numpy
 
 
+def test_a_counted_tolist_is_one_read_with_the_copy_it_makes(monkeypatch) -> None:
+    # On a GPU, Tensor.tolist copies to the host through aten._to_copy: one read, counted
+    # once (the GPU run saw {'Tensor.tolist': 1, 'aten._to_copy': 1} for one tolist).
+    # Simulated on the CPU by a tolist that dispatches a value-sized op before reading.
+    original = torch.Tensor.tolist
+
+    def tolist_through_an_op(tensor, *args, **kwargs):
+        torch.nonzero(tensor)  # stands for the device-to-host copy
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist_through_an_op)
+    x = torch.tensor([0.0, 2.0])
+    with HostReadCounter() as counter:
+        assert x.tolist() == [0.0, 2.0]
+        torch.nonzero(x)  # outside a counted method: counted
+    assert dict(counter.reads) == {"Tensor.tolist": 1, "aten.nonzero": 1}
+
+
 # ------------------------------------------------------------ same numbers, fewer reads
 
 
