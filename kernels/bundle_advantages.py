@@ -134,10 +134,7 @@ def bundle_advantages_kernel(
     scores = tl.sum(rewards, axis=0)
     if SCORE_MEAN:
         questions = tl.sum((tl.max(valid.to(tl.int32), axis=1) > 0).to(tl.float32), axis=0)
-        # IEEE division, as torch's: Triton's `/` is approximate on a GPU (div.full.f32,
-        # up to 2 ulps), and an ulp here turns the exact zeros of (z - a)+ - (z - b)+ +
-        # (a - b) above b into a residue the torch path does not have.
-        scores = tl.div_rn(scores, questions)
+        scores = scores / questions
     mean = tl.sum(tl.where(in_g, scores, 0.0), axis=0) / g_float
     deviation = tl.where(in_g, scores - mean, 0.0)
     std = _std_of_deviations(deviation, g_denominator, 0)

@@ -70,8 +70,20 @@ def _compare(rewards, question_ids, **options) -> None:
     assert err < 1e-5, f"relative error {err:.2e} with {options}"
     torch.testing.assert_close(out.advantages, ref.advantages, rtol=1e-5, atol=1e-5)
     assert bool(torch.isfinite(out.advantages).all())
-    # Exactly-zero rules survive in the kernel (all-equal bundles, dropped bundles).
-    assert torch.equal(out.advantages == 0, ref.advantages == 0) or options.get("center")
+    # Exactly-zero rules survive in the kernel: all-equal bundles and dropped bundles are
+    # zero as whole bundles in both paths. A lone member's zero is arithmetic, not a
+    # rule: above q_beta, (z - a)+ - (z - b)+ + (a - b) cancels to 0 or to an ulp-sized
+    # residue depending on the last bit of the score, and a GPU's summation order moves
+    # that bit (the H200 run: one score 1 ulp apart, residue 1.1e-7 against 0). So the
+    # per-response zero pattern is compared on the CPU, where both paths round alike.
+    if not options.get("center"):
+        for bundle in range(ref.scores.shape[0]):
+            members = ref.bundle_ids == bundle
+            ref_zero = bool((ref.advantages[members] == 0).all())
+            out_zero = bool((out.advantages[members] == 0).all())
+            assert ref_zero == out_zero, f"bundle {bundle}: zero {out_zero}, torch {ref_zero}"
+        if rewards.device.type == "cpu":
+            assert torch.equal(out.advantages == 0, ref.advantages == 0)
     assert out.metrics["zero_advantage_bundle_frac"] == ref.metrics["zero_advantage_bundle_frac"]
 
 
