@@ -599,13 +599,15 @@ def main(argv: list[str] | None = None) -> int:
         def ours():
             return fused_linear_logprobs(hidden, weight, targets, backend="triton")
 
+        default_engine = fused_kernels.MATMUL_BACKEND
+
         variants: list[tuple[str, Callable[[], torch.Tensor], str, bool]] = [
-            ("triton", ours, "triton", True),
-            ("triton, cuBLAS grad matmuls", ours, "torch", False),
+            ("triton", ours, default_engine, True),  # the default engine (cuBLAS)
+            ("triton, tl.dot grad matmuls", ours, "triton", False),
             (
                 "reference",
                 lambda: fused_linear_logprobs_reference(hidden, weight, targets),
-                "triton",
+                default_engine,
                 True,
             ),
         ]
@@ -615,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     "torch.compile(reference)",
                     lambda: compiled(hidden, weight, targets),
-                    "triton",
+                    default_engine,
                     True,
                 )
             )
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"liger vs riskfast log-probs at {shape}: max abs difference {gap:.2e}")
             if not gap < 1e-2:
                 failures.append(f"liger disagrees with riskfast at {shape}: {gap:.2e}")
-            variants.append(("liger FLCE (reduction=none)", liger_logp, "triton", True))
+            variants.append(("liger FLCE (reduction=none)", liger_logp, default_engine, True))
         for variant, forward, engine, time_forward in variants:
             fused_kernels.MATMUL_BACKEND = engine
             try:
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     time_forward=time_forward,
                 )
             finally:
-                fused_kernels.MATMUL_BACKEND = "triton"
+                fused_kernels.MATMUL_BACKEND = default_engine
 
     liger_grpo = None
     if not args.no_liger:

@@ -49,8 +49,10 @@ __all__ = [
 ]
 
 # Engine of the backward's two gradient matmuls when the caller does not pick one:
-# "triton" (tl.dot, _matmul_kernel) or "torch" (cuBLAS). benchmarks/gpu_check.py times both.
-MATMUL_BACKEND = "triton"
+# "triton" (tl.dot, _matmul_kernel) or "torch" (cuBLAS). benchmarks/gpu_check.py times both;
+# on an H200 (2026-11-30, benchmarks/RESULTS.md) cuBLAS made fused fwd+bwd 1.15x (N=4096,
+# H=2048, V=32000) and 1.21x (N=8192, H=4096, V=128256) faster than tl.dot.
+MATMUL_BACKEND = "torch"
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
