@@ -31,7 +31,8 @@ Steps:
    kernel; then
    (unless ``--no-sweep``) tile sweeps at the largest shapes: BLOCK_V of the selective
    kernels and the fused op's logit-tile configuration, for the next tuning step; last,
-   the bundle-advantages launch and the sync-free ``advantages(group_size=16,
+   RLR's compiled transition forward and step form, the bundle-advantages launch and
+   the sync-free ``advantages(group_size=16,
    validate=False)`` call replayed from a CUDA graph (GPU time without Python's launch
    overhead, which the 20 us target is about; the capture itself fails on any host
    synchronisation);
@@ -1005,6 +1006,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlr stream check: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append("rlr stream check")
 
+    # (op, shape, bytes moved, call) timed from CUDA-graph replays at the end of the run
+    graph_rows: list[tuple[str, str, int, Callable[[], object]]] = []
+
+    def run_graph_rows() -> None:
+        for op, name_shape, nbytes, call in graph_rows:
+            try:
+                ms = graph_ms_per_call(call, copies=10)
+                table.add(
+                    op,
+                    name_shape,
+                    "compiled, CUDA graph",
+                    ms,
+                    _rate(nbytes, ms, "TB/s"),
+                    memory_floor_ms(nbytes) / ms,
+                    float("nan"),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"{op} {name_shape} CUDA graph: FAILED {type(err).__name__}: {err}")
+                failures.append(f"{op} {name_shape} CUDA graph")
+
     def run_rlr_transition(shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Fused transition log-density: forward reads x_prev, x_t and the model output
         once; backward reads them again and writes three gradients (target >= 80% of
@@ -1070,6 +1091,30 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"rlr transition_log_prob_into {variant}: FAILED {err}")
                 failures.append(f"rlr transition_log_prob_into {name_shape} {variant}")
+        if timer.cuda:
+            # The host out of the timing: the first H200 run (2026-11-30) took about the
+            # same 0.15-0.3 ms per eager call at 8x and 64x the data (host-bound), so the
+            # kernels' own fraction of the copy bandwidth is read from graph replays, run
+            # at the end with the other captures (a failed capture can spoil what follows).
+            detached = tuple(t.detach() for t in inputs)
+            graph_rows.append(
+                (
+                    "rlr transition fwd",
+                    name_shape,
+                    3 * size,
+                    lambda: transition_log_prob(*detached, coefficients, backend="compiled"),
+                )
+            )
+            graph_rows.append(
+                (
+                    "rlr transition_log_prob_into",
+                    name_shape,
+                    3 * size,
+                    lambda: transition_log_prob_into(
+                        log_probs, 7, *detached, coefficients, backend="compiled"
+                    ),
+                )
+            )
         timer.empty_cache()
 
     kernels = _load_kernels()
@@ -1204,6 +1249,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_selective(*shapes["selective"][-1])
         sweep_fused(*shapes["fused"][-1])
     if timer.cuda:
+        run_graph_rows()
         for questions in shapes["advantages"]:
             graph_advantages(questions)
     else:
