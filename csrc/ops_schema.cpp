@@ -1,9 +1,10 @@
 // The schemas of riskfast's operators (namespace "riskfast"), declared once here.
 //
 // Per-device implementations are registered with TORCH_LIBRARY_IMPL next to their
-// code (noise_cpu.cpp, transition_cpu.cpp, cuda_ops.cpp); the fake (meta) kernels and
-// the autograd formula are registered from Python in riskfast.ops._compiled, which
-// set_python_module names so that torch imports it whenever it needs them.
+// code (noise_cpu.cpp, transition_cpu.cpp, cuda_ops.cpp), the autograd formula of
+// transition_log_prob in transition_autograd.cpp; the fake (meta) kernels are registered
+// from Python in riskfast.ops._compiled, which set_python_module names so that torch
+// imports it whenever it needs them.
 #include <torch/library.h>
 
 TORCH_LIBRARY(riskfast, m) {

@@ -451,6 +451,27 @@ def test_transition_ops_pass_torch_library_opcheck():
 
 
 @needs_compiled
+def test_the_autograd_formula_is_a_cpp_kernel_and_mean_only_gradients_flow():
+    # The formula is registered in C++ (csrc/transition_autograd.cpp) for its host time:
+    # through torch.library.register_autograd a differentiable call cost 4x the host time
+    # on the development CPU (RESULTS.md). A gradient through the mean alone (no
+    # gradient arrives for log_prob) equals the reference's.
+    op = "riskfast::transition_log_prob"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd")
+    coefficients = _ddim(prediction="epsilon", clip=1.5)
+    grads = []
+    for backend in ("compiled", "reference"):
+        leaves = _inputs((3, 5), torch.float64, seed=21, requires_grad=True)
+        _, mean = transition_log_prob(*leaves, coefficients, return_mean=True, backend=backend)
+        grads.append(torch.autograd.grad((mean * mean).sum(), leaves, allow_unused=True))
+    for compiled, reference in zip(*grads):
+        if reference is None:
+            assert compiled is None or not compiled.any()
+        else:
+            torch.testing.assert_close(compiled, reference, rtol=1e-12, atol=1e-12)
+
+
+@needs_compiled
 def test_compiled_transition_works_under_torch_compile_with_gradients():
     coefficients = _ddim(prediction="v_prediction", clip=1.0)
 

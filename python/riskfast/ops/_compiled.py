@@ -1,10 +1,11 @@
 """The compiled operators of ``riskfast._C`` as torch custom ops: fakes, autograd, calls.
 
 The schemas are declared in C++ (``csrc/ops_schema.cpp``, namespace ``riskfast``) with
-per-device kernels (``TORCH_LIBRARY_IMPL`` for CPU, and CUDA when built with it). This
-module, named there by ``set_python_module``, adds what torch needs from Python: a fake
-(meta) kernel per op, so that ``torch.compile`` can trace them, and the autograd formula
-of the transition log-density. It imports without the extension (then
+per-device kernels (``TORCH_LIBRARY_IMPL`` for CPU, and CUDA when built with it) and the
+autograd formula of the transition log-density (``csrc/transition_autograd.cpp``, in C++
+for its host time). This module, named there by ``set_python_module``, adds what torch
+needs from Python: a fake (meta) kernel per op, so that ``torch.compile`` can trace
+them. It imports without the extension (then
 :data:`AVAILABLE` is False and nothing is registered); the public ops in
 :mod:`riskfast.ops.noise` and :mod:`riskfast.ops.transition` ask it, per device,
 whether a compiled kernel exists.
@@ -211,32 +212,6 @@ def _register() -> None:
     @torch.library.register_fake(lib + "transition_log_prob_into_")
     def _(log_probs, step, x_prev, sample, model_output, *scalars):
         return None
-
-    def setup_context(ctx, inputs, output):
-        x_prev, sample, model_output = inputs[:3]
-        ctx.save_for_backward(x_prev, sample, model_output)
-        ctx.scalars = inputs[3:11]  # alpha .. reduce (return_mean is not needed)
-
-    def backward(ctx, grad_log_prob, grad_mean):
-        x_prev, sample, model_output = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        if not any(mask):
-            return (None,) * 12
-        if grad_log_prob is None:
-            grad_log_prob = sample.new_zeros((sample.shape[0],), dtype=_math_dtype(sample))
-        if grad_mean is not None and grad_mean.shape != sample.shape:
-            grad_mean = None  # the [0] placeholder of return_mean=False
-        grads = torch.ops.riskfast.transition_log_prob_backward(
-            grad_log_prob, grad_mean, x_prev, sample, model_output, *ctx.scalars, mask
-        )
-        return (
-            *(grad if needed else None for grad, needed in zip(grads, mask)),
-            *(None,) * 9,
-        )
-
-    torch.library.register_autograd(
-        lib + "transition_log_prob", backward, setup_context=setup_context
-    )
 
 
 if AVAILABLE:
