@@ -95,7 +95,19 @@ RLR_SEEDS8 = list(range(100, 108))
 # Tile sweeps at the largest shape, for the next tuning step (the defaults come first).
 # Fused configurations: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages), each free of
 # register spills on sm_90 at model sizes (checked ahead of time, bf16).
-SWEEP_SELECTIVE_BLOCK_V = [8192, 2048, 4096, 16384]
+# (BLOCK_V, num_warps or None for the default); the H200 run of 2026-11-30 left the
+# forward at 0.49-0.54 of copy bandwidth for every BLOCK_V at the default warps, so the
+# warps (registers per program, programs per SM, loads in flight) are swept too.
+SWEEP_SELECTIVE = [
+    (8192, None),
+    (2048, None),
+    (4096, None),
+    (16384, None),
+    (8192, 4),
+    (4096, 4),
+    (2048, 2),
+    (16384, 16),
+]
 SWEEP_FUSED_TILES = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -1127,7 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{what}: differs by {gap:.2e}")
 
     def sweep_selective(n: int, v: int) -> None:
-        """Forward (no entropy) and backward of the selective kernels per BLOCK_V."""
+        """Forward (no entropy) and backward of the selective kernels per BLOCK_V and
+        warps."""
         module = kernels.selective_logprobs
         logits = torch.randn(n, v, device=dev, generator=gen).to(dtype)
         targets = torch.randint(0, v, (n,), device=dev, generator=gen)
@@ -1135,19 +1148,19 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = n * v * logits.element_size()
         shape = f"N={n} V={v} {dtype_name}"
         first = None
-        for block_v in SWEEP_SELECTIVE_BLOCK_V:
+        for block_v, warps in SWEEP_SELECTIVE:
+            label = f"BLOCK_V={block_v}" + ("" if warps is None else f" w{warps}")
+            tiles = {"block_v": block_v, "num_warps": warps}
             try:
 
-                def forward(block_v=block_v):
-                    return module.selective_logprobs_forward(
-                        logits, targets, 1.0, False, block_v=block_v
-                    )
+                def forward(tiles=tiles):
+                    return module.selective_logprobs_forward(logits, targets, 1.0, False, **tiles)
 
                 ms = timer.ms(forward)
                 table.add(
                     "sweep selective fwd",
                     shape,
-                    f"BLOCK_V={block_v}",
+                    label,
                     ms,
                     _rate(nbytes, ms, "TB/s"),
                     memory_floor_ms(nbytes) / ms,
@@ -1155,24 +1168,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 logp, lse, _ = forward()
                 first = logp if first is None else first
-                _check_same(f"sweep selective BLOCK_V={block_v}", logp, first)
+                _check_same(f"sweep selective {label}", logp, first)
                 ms = timer.ms(
-                    lambda block_v=block_v, lse=lse: module.selective_logprobs_backward(
-                        logits, targets, lse, None, g, None, 1.0, block_v=block_v
+                    lambda tiles=tiles, lse=lse: module.selective_logprobs_backward(
+                        logits, targets, lse, None, g, None, 1.0, **tiles
                     )
                 )
                 table.add(
                     "sweep selective bwd",
                     shape,
-                    f"BLOCK_V={block_v}",
+                    label,
                     ms,
                     _rate(2 * nbytes, ms, "TB/s"),
                     memory_floor_ms(2 * nbytes) / ms,
                     float("nan"),
                 )
             except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"sweep selective BLOCK_V={block_v}: FAILED {type(err).__name__}: {err}")
-                failures.append(f"sweep selective BLOCK_V={block_v}")
+                print(f"sweep selective {label}: FAILED {type(err).__name__}: {err}")
+                failures.append(f"sweep selective {label}")
         timer.empty_cache()
 
     def sweep_fused(n: int, h: int, v: int) -> None:

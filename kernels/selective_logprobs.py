@@ -237,6 +237,7 @@ def selective_logprobs_forward(
     *,
     block_n: int | None = None,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernel.
 
@@ -245,7 +246,8 @@ def selective_logprobs_forward(
         targets: ``[N]`` integer, values in ``[0, V)`` (checked by the caller).
         inv_temperature: ``1 / temperature``.
         return_entropy: also write the per-token entropy.
-        block_n, block_v: tile overrides (powers of two), for tests.
+        block_n, block_v, num_warps: overrides of the tile (powers of two) and of the
+            warps per program, for tests and ``benchmarks/gpu_check.py``'s sweeps.
 
     Returns:
         ``(logp[N], lse[N], entropy[N] or None)``, fp32; ``lse`` is of the scaled logits
@@ -259,7 +261,7 @@ def selective_logprobs_forward(
     if n == 0:
         return logp, lse, entropy
     bn, bv, warps = _default_blocks(n, v, logits.element_size())
-    bn, bv = block_n or bn, block_v or bv
+    bn, bv, warps = block_n or bn, block_v or bv, num_warps or warps
     _selective_logprobs_fwd_kernel[(triton.cdiv(n, bn),)](
         logits, targets, logp, lse, entropy if entropy is not None else lse,
         n, v, logits.stride(0), logits.stride(1), float(inv_temperature),
@@ -281,6 +283,7 @@ def selective_logprobs_backward(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Launch the backward kernel: ``dlogits[N, V]`` in the dtype of ``logits``.
 
@@ -294,6 +297,7 @@ def selective_logprobs_backward(
         grad_logp: ``[N]`` incoming gradient of the log-probs.
         grad_entropy: ``[N]`` incoming gradient of the entropy, or ``None``.
         inv_temperature: ``1 / temperature``.
+        block_n, block_v, num_warps: overrides, as in the forward.
     """
     n, v = logits.shape
     dlogits = torch.empty_like(logits) if out is None else out
@@ -306,7 +310,7 @@ def selective_logprobs_backward(
     grad_logp = grad_logp.contiguous()
     grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
     bn, bv, warps = _default_blocks(n, v, logits.element_size())
-    bn, bv = block_n or bn, block_v or bv
+    bn, bv, warps = block_n or bn, block_v or bv, num_warps or warps
     _selective_logprobs_bwd_kernel[(triton.cdiv(n, bn),)](
         logits, targets, lse,
         entropy if has_grad_entropy else lse,
