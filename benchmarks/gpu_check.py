@@ -845,6 +845,28 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
         return timer.ms(graph.replay) / copies
 
+    # (op, shape, bytes moved, call) timed from CUDA-graph replays at the end of the run
+    # (a dry run times them eagerly: the rows' own code is tested on a CPU too)
+    graph_rows: list[tuple[str, str, int, Callable[[], object]]] = []
+
+    def run_graph_rows() -> None:
+        variant = "compiled, CUDA graph" if timer.cuda else "compiled, eager (dry run)"
+        for op, name_shape, nbytes, call in graph_rows:
+            try:
+                ms = graph_ms_per_call(call, copies=10) if timer.cuda else timer.ms(call)
+                table.add(
+                    op,
+                    name_shape,
+                    variant,
+                    ms,
+                    _rate(nbytes, ms, "TB/s"),
+                    memory_floor_ms(nbytes) / ms,
+                    float("nan"),
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on: one table
+                print(f"{op} {name_shape} CUDA graph: FAILED {type(err).__name__}: {err}")
+                failures.append(f"{op} {name_shape} CUDA graph")
+
     def graph_advantages(questions: int) -> None:
         """Bundle advantages with the host out of the timing (the 20 us target is GPU
         time; eager rows above include Python's launch overhead). Run last: a failed
@@ -942,23 +964,16 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # noqa: BLE001 - report and go on: one table
                     print(f"{op} {shape} {variant}: FAILED {type(err).__name__}: {err}")
                     failures.append(f"{op} {shape} {variant}")
-        if timer.cuda and kind == "LoRA list":
-            try:  # the host out of the timing: many small tensors, few launches
-                ms = graph_ms_per_call(
-                    lambda: accumulate_noise_(params, [7], [1e-3], backend="compiled"), copies=10
-                )
-                table.add(
+        if kind == "LoRA list":  # the host out of the timing: many small
+            # tensors, few launches (timed at the end with the other graph replays)
+            graph_rows.append(
+                (
                     "rlr perturb_",
                     shape,
-                    "compiled, CUDA graph",
-                    ms,
-                    _rate(nbytes, ms, "TB/s"),
-                    memory_floor_ms(nbytes) / ms,
-                    float("nan"),
+                    nbytes,
+                    lambda: accumulate_noise_(params, [7], [1e-3], backend="compiled"),
                 )
-            except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"rlr perturb_ CUDA graph: FAILED {type(err).__name__}: {err}")
-                failures.append("rlr perturb_ CUDA graph")
+            )
         timer.empty_cache()
 
     def run_rlr_normal(numel: int) -> None:
@@ -1017,26 +1032,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - report and go on: one table
             print(f"rlr stream check: FAILED {type(err).__name__}: {err}", flush=True)
             failures.append("rlr stream check")
-
-    # (op, shape, bytes moved, call) timed from CUDA-graph replays at the end of the run
-    graph_rows: list[tuple[str, str, int, Callable[[], object]]] = []
-
-    def run_graph_rows() -> None:
-        for op, name_shape, nbytes, call in graph_rows:
-            try:
-                ms = graph_ms_per_call(call, copies=10)
-                table.add(
-                    op,
-                    name_shape,
-                    "compiled, CUDA graph",
-                    ms,
-                    _rate(nbytes, ms, "TB/s"),
-                    memory_floor_ms(nbytes) / ms,
-                    float("nan"),
-                )
-            except Exception as err:  # noqa: BLE001 - report and go on: one table
-                print(f"{op} {name_shape} CUDA graph: FAILED {type(err).__name__}: {err}")
-                failures.append(f"{op} {name_shape} CUDA graph")
 
     def run_rlr_transition(shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Fused transition log-density: forward reads x_prev, x_t and the model output
@@ -1103,30 +1098,29 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"rlr transition_log_prob_into {variant}: FAILED {err}")
                 failures.append(f"rlr transition_log_prob_into {name_shape} {variant}")
-        if timer.cuda:
-            # The host out of the timing: the first H200 run (2026-11-30) took about the
-            # same 0.15-0.3 ms per eager call at 8x and 64x the data (host-bound), so the
-            # kernels' own fraction of the copy bandwidth is read from graph replays, run
-            # at the end with the other captures (a failed capture can spoil what follows).
-            detached = tuple(t.detach() for t in inputs)
-            graph_rows.append(
-                (
-                    "rlr transition fwd",
-                    name_shape,
-                    3 * size,
-                    lambda: transition_log_prob(*detached, coefficients, backend="compiled"),
-                )
+        # The host out of the timing: the first H200 run (2026-11-30) took about the
+        # same 0.15-0.3 ms per eager call at 8x and 64x the data (host-bound), so the
+        # kernels' own fraction of the copy bandwidth is read from graph replays, run
+        # at the end with the other captures (a failed capture can spoil what follows).
+        detached = tuple(t.detach() for t in inputs)
+        graph_rows.append(
+            (
+                "rlr transition fwd",
+                name_shape,
+                3 * size,
+                lambda: transition_log_prob(*detached, coefficients, backend="compiled"),
             )
-            graph_rows.append(
-                (
-                    "rlr transition_log_prob_into",
-                    name_shape,
-                    3 * size,
-                    lambda: transition_log_prob_into(
-                        log_probs, 7, *detached, coefficients, backend="compiled"
-                    ),
-                )
+        )
+        graph_rows.append(
+            (
+                "rlr transition_log_prob_into",
+                name_shape,
+                3 * size,
+                lambda: transition_log_prob_into(
+                    log_probs, 7, *detached, coefficients, backend="compiled"
+                ),
             )
+        )
         timer.empty_cache()
 
     kernels = _load_kernels()
@@ -1261,8 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_sweep and not past_deadline("tile sweeps"):
         sweep_selective(*shapes["selective"][-1])
         sweep_fused(*shapes["fused"][-1])
+    run_graph_rows()
     if timer.cuda:
-        run_graph_rows()
         for questions in shapes["advantages"]:
             graph_advantages(questions)
     else:

@@ -45,6 +45,9 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
                   "torch advantages(question_ids)", "triton launch only")}
     expected |= {(f"sweep selective {step}", f"BLOCK_V={b}")
                  for step in ("fwd", "bwd") for b in (2048, 4096, 8192, 16384)}
+    # the CUDA-graph rows' code, timed eagerly in a dry run
+    expected |= {(op, "compiled, eager (dry run)") for op in
+                 ("rlr transition fwd", "rlr transition_log_prob_into", "rlr perturb_")}
     expected |= {(f"sweep selective {step}", label) for step in ("fwd", "bwd")
                  for label in ("BLOCK_V=8192 w4", "BLOCK_V=4096 w4", "BLOCK_V=2048 w2")}
     expected |= {(f"sweep fused {step}", "64x256x64 w8 s3") for step in ("fwd", "bwd")}
