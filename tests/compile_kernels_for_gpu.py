@@ -113,11 +113,18 @@ def _drive_ops() -> None:
         hidden = torch.randn(32, 64, generator=gen).to(dtype).requires_grad_(True)
         weight = torch.randn(160, 64, generator=gen).to(dtype).requires_grad_(True)
         targets = torch.randint(0, 160, (32,), generator=gen)
-        logp, entropy = fused_linear_logprobs(
-            hidden, weight, targets, return_entropy=True, backend="triton"
-        )
-        (logp.sum() + entropy.sum()).backward()
-        fused_linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+        fused = kernels.fused_linear_logprobs
+        default_engine = fused.MATMUL_BACKEND
+        for engine in ("triton", "torch"):  # both engines of the gradient matmuls ship
+            fused.MATMUL_BACKEND = engine
+            try:
+                logp, entropy = fused_linear_logprobs(
+                    hidden, weight, targets, return_entropy=True, backend="triton"
+                )
+                (logp.sum() + entropy.sum()).backward()
+                fused_linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+            finally:
+                fused.MATMUL_BACKEND = default_engine
         # A real vocabulary: the selective kernels' block size depends on it.
         logits = torch.randn(2, 151936, generator=gen).to(dtype).requires_grad_(True)
         targets = torch.randint(0, 151936, (2,), generator=gen)
