@@ -95,18 +95,21 @@ RLR_SEEDS8 = list(range(100, 108))
 # Tile sweeps at the largest shape, for the next tuning step (the defaults come first).
 # Fused configurations: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages), each free of
 # register spills on sm_90 at model sizes (checked ahead of time, bf16).
-# (BLOCK_V, num_warps or None for the default); the H200 run of 2026-11-30 left the
-# forward at 0.49-0.54 of copy bandwidth for every BLOCK_V at the default warps, so the
-# warps (registers per program, programs per SM, loads in flight) are swept too.
+# (BLOCK_V, num_warps, BLOCK_N; None: the default); the H200 run of 2026-11-30 left the
+# forward at 0.49-0.54 of copy bandwidth for every BLOCK_V at the default warps and one
+# row per program, so the warps (registers per program, programs per SM) and rows per
+# program (loads in flight) are swept too.
 SWEEP_SELECTIVE = [
-    (8192, None),
-    (2048, None),
-    (4096, None),
-    (16384, None),
-    (8192, 4),
-    (4096, 4),
-    (2048, 2),
-    (16384, 16),
+    (8192, None, None),
+    (2048, None, None),
+    (4096, None, None),
+    (16384, None, None),
+    (8192, 4, None),
+    (4096, 4, None),
+    (2048, 2, None),
+    (16384, 16, None),
+    (4096, 8, 2),
+    (2048, 8, 4),
 ]
 SWEEP_FUSED_TILES = [
     (128, 128, 64, 8, 3),
@@ -1142,9 +1145,10 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = n * v * logits.element_size()
         shape = f"N={n} V={v} {dtype_name}"
         first = None
-        for block_v, warps in SWEEP_SELECTIVE:
+        for block_v, warps, block_n in SWEEP_SELECTIVE:
             label = f"BLOCK_V={block_v}" + ("" if warps is None else f" w{warps}")
-            tiles = {"block_v": block_v, "num_warps": warps}
+            label += "" if block_n is None else f" BLOCK_N={block_n}"
+            tiles = {"block_v": block_v, "num_warps": warps, "block_n": block_n}
             try:
 
                 def forward(tiles=tiles):

@@ -49,7 +49,8 @@ def test_gpu_check_dry_run_times_every_kernel_and_writes_its_table(tmp_path) -> 
     expected |= {(op, "compiled, eager (dry run)") for op in
                  ("rlr transition fwd", "rlr transition_log_prob_into", "rlr perturb_")}
     expected |= {(f"sweep selective {step}", label) for step in ("fwd", "bwd")
-                 for label in ("BLOCK_V=8192 w4", "BLOCK_V=4096 w4", "BLOCK_V=2048 w2")}
+                 for label in ("BLOCK_V=8192 w4", "BLOCK_V=4096 w4", "BLOCK_V=2048 w2",
+                               "BLOCK_V=4096 w8 BLOCK_N=2", "BLOCK_V=2048 w8 BLOCK_N=4")}
     expected |= {(f"sweep fused {step}", "64x256x64 w8 s3") for step in ("fwd", "bwd")}
     expected |= {("policy loss fwd+bwd", v) for v in
                  ("triton fused", "riskfast unfused (logprobs + policy_loss)",
