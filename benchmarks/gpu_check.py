@@ -497,6 +497,18 @@ def main(argv: list[str] | None = None) -> int:
         """Milliseconds to move ``nbytes`` at the spec's copy bandwidth for this card."""
         return nbytes / ceiling * 1e3
 
+    def add_memory_row(kernel: str, shape: str, variant: str, ms: float, nbytes: float) -> None:
+        """A memory-bound row: achieved TB/s and the fraction of the copy floor."""
+        table.add(
+            kernel,
+            shape,
+            variant,
+            ms,
+            _rate(nbytes, ms, "TB/s"),
+            memory_floor_ms(nbytes) / ms,
+            float("nan"),
+        )
+
     def matrix_floor_ms(flop: float) -> float:
         """Milliseconds for ``flop`` at the spec's bf16 matrix ceiling."""
         return flop / TFLOPS_BF16 * 1e3
@@ -857,15 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         for op, name_shape, nbytes, call in graph_rows:
             try:
                 ms = graph_ms_per_call(call, copies=10) if timer.cuda else timer.ms(call)
-                table.add(
-                    op,
-                    name_shape,
-                    variant,
-                    ms,
-                    _rate(nbytes, ms, "TB/s"),
-                    memory_floor_ms(nbytes) / ms,
-                    float("nan"),
-                )
+                add_memory_row(op, name_shape, variant, ms, nbytes)
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"{op} {name_shape} CUDA graph: FAILED {type(err).__name__}: {err}")
                 failures.append(f"{op} {name_shape} CUDA graph")
@@ -955,15 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant, call in variants.items():
                 try:
                     ms = timer.ms(lambda call=call, seeds=seeds, scales=scales: call(seeds, scales))
-                    table.add(
-                        op,
-                        shape,
-                        variant,
-                        ms,
-                        _rate(nbytes, ms, "TB/s"),
-                        memory_floor_ms(nbytes) / ms,
-                        float("nan"),
-                    )
+                    add_memory_row(op, shape, variant, ms, nbytes)
                 except Exception as err:  # noqa: BLE001 - report and go on: one table
                     print(f"{op} {shape} {variant}: FAILED {type(err).__name__}: {err}")
                     failures.append(f"{op} {shape} {variant}")
@@ -1089,15 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                         log_probs, 7, *inputs, coefficients, backend=variant
                     )
                 )
-                table.add(
-                    "rlr transition_log_prob_into",
-                    name_shape,
-                    variant,
-                    ms,
-                    _rate(3 * size, ms, "TB/s"),
-                    memory_floor_ms(3 * size) / ms,
-                    float("nan"),
-                )
+                add_memory_row("rlr transition_log_prob_into", name_shape, variant, ms, 3 * size)
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"rlr transition_log_prob_into {variant}: FAILED {err}")
                 failures.append(f"rlr transition_log_prob_into {name_shape} {variant}")
@@ -1155,15 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
                     return module.selective_logprobs_forward(logits, targets, 1.0, False, **tiles)
 
                 ms = timer.ms(forward)
-                table.add(
-                    "sweep selective fwd",
-                    shape,
-                    label,
-                    ms,
-                    _rate(nbytes, ms, "TB/s"),
-                    memory_floor_ms(nbytes) / ms,
-                    float("nan"),
-                )
+                add_memory_row("sweep selective fwd", shape, label, ms, nbytes)
                 logp, lse, _ = forward()
                 first = logp if first is None else first
                 _check_same(f"sweep selective {label}", logp, first)
@@ -1172,15 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
                         logits, targets, lse, None, g, None, 1.0, **tiles
                     )
                 )
-                table.add(
-                    "sweep selective bwd",
-                    shape,
-                    label,
-                    ms,
-                    _rate(2 * nbytes, ms, "TB/s"),
-                    memory_floor_ms(2 * nbytes) / ms,
-                    float("nan"),
-                )
+                add_memory_row("sweep selective bwd", shape, label, ms, 2 * nbytes)
             except Exception as err:  # noqa: BLE001 - report and go on: one table
                 print(f"sweep selective {label}: FAILED {type(err).__name__}: {err}")
                 failures.append(f"sweep selective {label}")
