@@ -111,7 +111,7 @@ def _check_tensor_list(name: str, tensors: list[torch.Tensor]) -> None:
 
     The compiled ops make the same checks in C++ with the same names and error types
     (``csrc/op_checks.h``, before any write), so only the reference path runs these: on a
-    list of 256 tensors they cost about 55 us of host time per call.
+    list of 256 tensors they cost about 25 us of host time per call.
     """
     for index, tensor in enumerate(tensors):
         if tensor.dtype not in _FLOATING:
