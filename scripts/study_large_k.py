@@ -1,10 +1,11 @@
 """pass@k beyond k = 16 for a finished ``riskfast study``.
 
-The study keeps no trained policies, only their numbers. This script retrains each arm's
-selected run of each seed from the study's stored warm start (on one machine a run is a
-function of its settings, so the retrained policy is the study's: the script checks
-that its 16-sample test pass@1 and pass@16 equal the study's ``result.json`` exactly),
-then samples ``--samples`` completions per test question at temperature 1 and reports
+For each seed, the script takes the warm start and each arm's selected run: the policy
+the study stored with the run (``policy.pt``), or, for a run stored without one (or with
+``--retrain``), the policy retrained from the study's stored warm start (on one machine a
+run is a function of its settings, so the retrained policy is the study's). Either way it
+checks that the policy's 16-sample test pass@1 and pass@16 equal the study's
+``result.json`` exactly. It then samples ``--samples`` completions per test question at temperature 1 and reports
 the unbiased pass@k (spec ``riskpo.md`` section 6) for k = 1, 2, 4, ..., ``--samples``,
 for the warm start and every arm, with mean and 95% t-interval over seeds and the
 paired differences; then the same per question level (number of digits) at k = 1, 16 and
@@ -15,10 +16,10 @@ paired differences; then the same per question level (number of digits) at k = 1
 
 Writes ``OUT/large_k.json`` (each run as it finishes, so an interrupted call resumes)
 and prints Markdown tables. A run already there at the same ``--samples`` (same seed,
-arm and selected rate) is reused rather than retrained, so a study grown by more seeds
-retrains only the new ones; runs stored before the script kept per-level numbers are
-retrained, unless ``--report-only`` (tables from the stored runs, retraining nothing);
-``--fresh`` retrains everything.
+arm and selected rate) is reused rather than evaluated again, so a study grown by more
+seeds evaluates only the new ones; runs stored before the script kept per-level numbers
+are evaluated again, unless ``--report-only`` (tables from the stored runs, evaluating
+nothing); ``--fresh`` evaluates everything again.
 """
 
 from __future__ import annotations
@@ -68,17 +69,18 @@ def _evaluate(
     return {**{f"pass@{k}": v for k, v in ev.pass_at.items()}, "entropy": ev.entropy}, by_level
 
 
-def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
-    """Retrain one selected run (``arm`` None: the warm start) and evaluate it."""
+def _one(task: tuple[list[str], int, str | None, float | None, int, bool]) -> dict[str, Any]:
+    """Evaluate one selected run (``arm`` None: the warm start): its stored policy, or the
+    run retrained (no stored policy, or ``retrain``)."""
     import time
 
     import torch
 
-    from riskfast.demo.study import _evaluation_dict, _questions, _run_dir
+    from riskfast.demo.study import POLICY_FILE, _evaluation_dict, _questions, _run_dir
     from riskfast.demo.task import build_model, build_tokenizer
     from riskfast.demo.train import Arm, RunSettings, evaluate_state, train_arm
 
-    argv, seed, arm_name, lr, samples = task
+    argv, seed, arm_name, lr, samples, retrain = task
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _study_args(argv)
@@ -97,7 +99,11 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
     if arm_name is None:
         model = build_model(tokenizer, args.model_size, seed=seed).to(device)
         model.load_state_dict(start_state)
-        check = None
+        check, source = None, None
+    elif (policy := _run_dir(args.out, seed, arm_name, lr) / POLICY_FILE).exists() and not retrain:
+        model = build_model(tokenizer, args.model_size, seed=seed).to(device)
+        model.load_state_dict(torch.load(policy, weights_only=True)["state"])
+        final, source = evaluate_state(model, tokenizer, test, **common), "stored"
     else:
         method = "grpo" if arm_name == "grpo" else "riskpo"
         arm = Arm(
@@ -118,7 +124,7 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
         def evaluate_at(step: int, model: Any) -> Any:  # the study's final evaluation only
             return evaluate_state(model, tokenizer, test, **common) if step == args.steps else None
 
-        result, model = train_arm(
+        trained, model = train_arm(
             arm,
             settings,
             start_state,
@@ -128,12 +134,14 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
             evaluate_at=evaluate_at,
             record=lambda line: None,
         )
+        final, source = trained["final"], "retrained"
+    if arm_name is not None:
         stored = json.loads((_run_dir(args.out, seed, arm_name, lr) / "result.json").read_text())
-        again = _evaluation_dict(result["final"])
+        again = _evaluation_dict(final)
         check = {m: (again[m], stored["test"][m]) for m in ("pass@1", "pass@16")}
         if any(a != b for a, b in check.values()):
             raise RuntimeError(
-                f"seed {seed} {arm_name} lr {lr}: retrained run differs from "
+                f"seed {seed} {arm_name} lr {lr}: {source} policy differs from "
                 f"the study's ({check}); same machine and commit?"
             )
     out, by_level = _evaluate(model, tokenizer, test, args, seed, samples)
@@ -144,6 +152,7 @@ def _one(task: tuple[list[str], int, str, float | None, int]) -> dict[str, Any]:
         "test": out,
         "test_by_level": by_level,
         "check_vs_study": check,
+        "policy": source,
         "seconds": time.perf_counter() - started,
     }
 
@@ -174,13 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument(
         "--fresh",
         action="store_true",
-        help="retrain every run, even those already in OUT/large_k.json",
+        help="evaluate every run again, even those already in OUT/large_k.json",
     )
     own.add_argument(
         "--report-only",
         action="store_true",
-        help="retrain nothing: tables from the runs already in OUT/large_k.json, "
+        help="evaluate nothing: tables from the runs already in OUT/large_k.json, "
         "those stored before the per-level numbers included",
+    )
+    own.add_argument(
+        "--retrain",
+        action="store_true",
+        help="retrain the selected runs even where the study stored their policies "
+        "(a check that the runs reproduce on this machine)",
     )
     opts = own.parse_args(argv[:cut])
     study_argv = argv[cut + 1 :]
@@ -190,9 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--fresh and --report-only exclude each other")
     args = _study_args(study_argv)
     summary = json.loads((args.out / "summary.json").read_text())
-    tasks = [(study_argv, seed, None, None, opts.samples) for seed in args.seeds]
+    tasks = [(study_argv, seed, None, None, opts.samples, opts.retrain) for seed in args.seeds]
     tasks += [
-        (study_argv, seed, arm, summary["selected"][arm][str(seed)]["lr"], opts.samples)
+        (
+            study_argv,
+            seed,
+            arm,
+            summary["selected"][arm][str(seed)]["lr"],
+            opts.samples,
+            opts.retrain,
+        )
         for arm in args.arms
         for seed in args.seeds
     ]

@@ -290,20 +290,29 @@ def _large_k_script() -> Any:
     return module
 
 
-def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
+def test_large_k_script_reproduces_the_study_from_stored_or_retrained_policies(
     tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    from riskfast.demo.study import METRICS
+    from riskfast.demo.study import METRICS, POLICY_FILE, _run_dir
 
     out, summary = tiny_study
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     script = _large_k_script()
+    args = script._study_args([*STUDY_ARGV[1:], "--out", str(copy)])
+    (_run_dir(copy, 0, "grpo", summary["selected"]["grpo"]["0"]["lr"]) / POLICY_FILE).unlink()
     assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
     result = json.loads((copy / "large_k.json").read_text())
     got = {(r["arm"], r["seed"]): r["test"] for r in result["runs"]}
+    assert {(r["arm"], r["seed"]): r["policy"] for r in result["runs"]} == {
+        **{("warm start", s): None for s in (0, 1)},
+        **{(arm, s): "stored" for arm in ("grpo", "paper", "official-math") for s in (0, 1)},
+        ("grpo", 0): "retrained",
+    }
     # 16 samples on the study's evaluation seed: the study's own numbers, to the bit, for
-    # the warm starts and every selected run (retrained from the stored warm start)
+    # the warm starts and every selected run (its policy as the study stored it, except
+    # one whose policy.pt is gone: retrained from the stored warm start)
+    assert len(list(out.glob(f"seed*/*/lr*/{POLICY_FILE}"))) == len(summary["runs"])
     expected = {("warm start", int(s)): w["test"] for s, w in summary["warm_start"].items()}
     for run in summary["runs"]:
         if run["lr"] == summary["selected"][run["arm"]][str(run["seed"])]["lr"]:
@@ -320,7 +329,6 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
 
     from riskfast.demo.study import _questions
 
-    args = script._study_args([*STUDY_ARGV[1:], "--out", str(copy)])
     for run in result["runs"]:
         counts = Counter(q.level for q in _questions(args, run["seed"])[1])
         for metric in ("pass@1", "pass@16"):
@@ -352,12 +360,15 @@ def test_large_k_script_retrains_the_study_and_reproduces_its_numbers(
     trimmed = json.loads(first)
     trimmed["runs"] = [r for r in trimmed["runs"] if r["seed"] == 0]
     (copy / "large_k.json").write_text(json.dumps(trimmed))
-    assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
+    # (--retrain: seed 1's runs retrained although their policies are stored; same numbers)
+    assert script.main(["--samples", "16", "--retrain", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
     assert sorted(calls, key=str) == sorted([(1, None), (1, "grpo"), (1, "paper"),
                                              (1, "official-math")], key=str)
     again, before = json.loads((copy / "large_k.json").read_text()), json.loads(first)
+    assert {r["policy"] for r in again["runs"] if r["seed"] == 1} == {None, "retrained"}
     for row in again["runs"] + before["runs"]:
         row.pop("seconds")
+        row.pop("policy")
     assert again["runs"] == before["runs"] and again["table"] == before["table"]
     calls.clear()
     assert script.main(["--samples", "8", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0

@@ -15,7 +15,9 @@ What one study does (the demo's task and trainer, :mod:`riskfast.demo.train`):
    the policy entropy for every arm and the warm start, the paired differences of each
    RiskPO arm against GRPO, per-step curves and ``report.png``.
 
-Every run writes its result atomically into ``OUT/seed<S>/<arm>/lr<LR>/``; a study run
+Every run writes its result atomically into ``OUT/seed<S>/<arm>/lr<LR>/`` (``result.json``,
+beside its curves and its trained policy, ``policy.pt``, which
+``scripts/study_large_k.py`` evaluates further without retraining); a study run
 again with the same ``--out`` skips what is finished (a run interrupted midway restarts
 from its warm start), so an interrupted study resumes and a finished one only rebuilds
 its report. Settings that change results are stored in ``OUT/study_config.json``; a
@@ -248,6 +250,10 @@ def _run_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in REPORT_ONLY}
 
 
+POLICY_FILE = "policy.pt"
+"""A finished run's trained policy, ``{"state": state_dict}`` in its run folder."""
+
+
 def _run_dir(out: Path, seed: int, arm: str, lr: float) -> Path:
     return out / f"seed{seed}" / arm / f"lr{lr:g}"
 
@@ -372,6 +378,10 @@ def run_one(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> di
     partial.close()
     final_test = train_result.pop("final")
     final_val = evaluate_state(model, tokenizer, val, **common)
+    # The trained policy (a few hundred KB), so later evaluations need not retrain it;
+    # written before result.json, whose presence marks the run finished.
+    torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+               folder / POLICY_FILE)
     with (folder / "metrics.jsonl").open("w") as handle:
         for line in lines:
             handle.write(json.dumps(line) + "\n")
