@@ -402,3 +402,138 @@ def test_a_corrupt_saved_state_is_refused_whole(corrupt: Any, match: str) -> Non
     current = module.state_dict()
     assert torch.equal(current["generator"], good["generator"])
     assert torch.equal(current["tracker"]["values"], good["tracker"]["values"])
+
+
+class _VerlCheckpointing:
+    """Stand-in for verl 0.9's trainer checkpointing (``RayPPOTrainer`` and the v1
+    ``PPOTrainer``): the folder ``default_local_dir/global_step_N`` with ``data.pt``,
+    ``latest_checkpointed_iteration.txt``, and the three ``resume_mode``s."""
+
+    def __init__(self, root: Any, resume_mode: str = "auto", resume_from_path: Any = None):
+        trainer = types.SimpleNamespace(
+            default_local_dir=str(root), resume_mode=resume_mode,
+            resume_from_path=None if resume_from_path is None else str(resume_from_path),
+        )
+        self.config = types.SimpleNamespace(trainer=trainer)
+        self.global_steps = 0
+
+    def _save_checkpoint(self) -> None:
+        import os
+
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"dataloader": self.global_steps}, os.path.join(folder, "data.pt"))
+        with open(os.path.join(self.config.trainer.default_local_dir,
+                               "latest_checkpointed_iteration.txt"), "w") as handle:
+            handle.write(str(self.global_steps))
+
+    def _load_checkpoint(self) -> None:
+        import os
+
+        self.global_steps = 0
+        mode, root = self.config.trainer.resume_mode, self.config.trainer.default_local_dir
+        if mode == "disable":
+            return
+        if mode == "auto":
+            latest = os.path.join(root, "latest_checkpointed_iteration.txt")
+            if not os.path.exists(latest):
+                return
+            with open(latest) as handle:
+                folder = os.path.join(root, f"global_step_{int(handle.read())}")
+        else:
+            folder = self.config.trainer.resume_from_path
+        self.global_steps = int(folder.split("global_step_")[-1])
+        assert torch.load(os.path.join(folder, "data.pt"))["dataloader"] == self.global_steps
+
+
+def _verl_trainer_source(name: str) -> str:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("verl is not installed: pip install --no-deps verl==0.9.1")
+    return (Path(spec.submodule_search_locations[0]) / name).read_text()
+
+
+@pytest.mark.parametrize("path", ["trainer/ppo/ray_trainer.py", "trainer/ppo/v1/trainer_base.py"])
+def test_verl_trainers_checkpoint_as_the_mixin_expects(path: str) -> None:
+    """The stand-in above follows the installed verl: each trainer defines both methods,
+    names the folder ``default_local_dir/global_step_{global_steps}`` and resumes from
+    ``resume_from_path`` or the latest folder, setting ``global_steps`` from its name
+    (read from the source: importing the trainers needs GPU-only packages)."""
+    import ast
+
+    source = _verl_trainer_source(path)
+    methods = {node.name: ast.get_source_segment(source, node) for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.FunctionDef)}
+    save, load = methods["_save_checkpoint"], methods["_load_checkpoint"]
+    assert 'self.config.trainer.default_local_dir, f"global_step_{self.global_steps}"' in save
+    assert "find_latest_ckpt_path(checkpoint_folder)" in load
+    assert "global_step_folder = self.config.trainer.resume_from_path" in load
+    assert 'self.global_steps = int(global_step_folder.split("global_step_")[-1])' in load
+    assert 'resume_mode == "disable"' in load
+
+
+def test_checkpoint_mixin_resumes_the_bundles_and_tracker_exactly(tmp_path: Any) -> None:
+    """A run saved at step 2 and resumed (auto or resume_path) draws at step 3 the
+    advantages the uninterrupted run drew; without a saved state the resume warns and
+    starts afresh; nothing is written before any advantage exists."""
+    import os
+
+    _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+
+    class Trainer(module.RiskPOCheckpointMixin, _VerlCheckpointing):
+        pass
+
+    config = {"riskpo": {"bundle_size": 3, "seed": 5, "quantile": "tracker", "gamma": 0.2}}
+    fn = module.compute_riskpo_outcome_advantage
+    run = Trainer(tmp_path / "run")
+    run.global_steps = 1
+    run._save_checkpoint()  # no advantage yet: verl's files only
+    assert not (tmp_path / "run" / "global_step_1" / module.STATE_FILE).exists()
+    for step in (1, 2):
+        run.global_steps = step
+        fn(**_estimator_call(config, seed=step))
+    run._save_checkpoint()
+    expected, _ = fn(**_estimator_call(config, seed=3))
+    fresh_state = module.state_dict()
+
+    for resumed in (Trainer(tmp_path / "run"),
+                    Trainer(tmp_path / "elsewhere", "resume_path",
+                            os.path.relpath(tmp_path / "run" / "global_step_2"))):
+        module.reset_state()
+        resumed._load_checkpoint()
+        assert resumed.global_steps == 2
+        got, _ = fn(**_estimator_call(config, seed=3))
+        assert torch.equal(got, expected)
+        assert torch.equal(module.state_dict()["tracker"]["values"], fresh_state["tracker"]["values"])
+
+    # the mixin's file holds the whole state; a resume with other options is refused
+    module.reset_state()
+    Trainer(tmp_path / "run")._load_checkpoint()
+    with pytest.raises(ValueError, match="^bundle_size: the checkpoint was saved with"):
+        fn(**_estimator_call({"riskpo": {**config["riskpo"], "bundle_size": 4}}, seed=3))
+
+    # a checkpoint written without the mixin: verl resumes, RiskPO warns and starts afresh
+    module.reset_state()
+    plain = _VerlCheckpointing(tmp_path / "plain")
+    plain.global_steps = 2
+    plain._save_checkpoint()
+    with pytest.warns(UserWarning, match="starts? afresh"):
+        Trainer(tmp_path / "plain")._load_checkpoint()
+    first, _ = fn(**_estimator_call(config, seed=1))
+    module.reset_state()
+    assert torch.equal(first, fn(**_estimator_call(config, seed=1))[0])
+    # resume disabled or nothing to resume from: no restore, no warning
+    import warnings
+
+    for idle in (Trainer(tmp_path / "run", "disable"), Trainer(tmp_path / "empty")):
+        module.reset_state()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            idle._load_checkpoint()
+        assert idle.global_steps == 0
+        with pytest.raises(RuntimeError, match="no state yet"):
+            module.state_dict()

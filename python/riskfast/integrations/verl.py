@@ -35,23 +35,11 @@ state, so this module cannot add its state to them without patching private trai
 methods. What a resumed verl run does without it: the generator is seeded again from
 ``seed`` (the bundles differ from those of the uninterrupted run, with the same
 distribution) and a tracker starts again from the first resumed step's empirical
-quantiles. To resume exactly, save :func:`state_dict` beside verl's checkpoint and
-restore it with :func:`load_state_dict`, from a trainer subclass::
-
-    import os, torch
-    from riskfast.integrations import verl as riskpo_verl
-
-    class Trainer(RayPPOTrainer):  # or the v1 trainer your run uses
-        def _save_checkpoint(self):
-            super()._save_checkpoint()
-            folder = os.path.join(self.config.trainer.default_local_dir,
-                                  f"global_step_{self.global_steps}")
-            torch.save(riskpo_verl.state_dict(), os.path.join(folder, "riskpo_state.pt"))
-
-        def _load_checkpoint(self):
-            super()._load_checkpoint()
-            folder = ...  # the global_step_* folder verl resumed from, if any
-            riskpo_verl.load_state_dict(torch.load(os.path.join(folder, "riskpo_state.pt")))
+quantiles. To resume exactly, mix :class:`RiskPOCheckpointMixin` into the trainer
+(``class Trainer(RiskPOCheckpointMixin, RayPPOTrainer)``): it saves :func:`state_dict`
+into each ``global_step_N`` folder verl writes and restores it with
+:func:`load_state_dict` when verl resumes from one. A trainer of another shape can call
+those two functions itself.
 
 The saved state holds the options that shape it (``bundle_size``, ``shuffle``; with a
 tracker ``alpha``, ``beta``, ``gamma``, ``score``, ``drop_last``); after
@@ -236,6 +224,89 @@ def load_state_dict(state: dict[str, Any]) -> None:
     fresh.generator, fresh.tracker = generator, tracker
     global _STATE
     _STATE = fresh
+
+
+STATE_FILE = "riskpo_state.pt"
+"""Name of the file :class:`RiskPOCheckpointMixin` writes into verl's ``global_step_N/``."""
+
+
+def _trainer_option(trainer: Any, key: str, default: Any = None) -> Any:
+    return _get(trainer.config.trainer, key, default)
+
+
+def _resumed_folder(trainer: Any) -> str | None:
+    """The ``global_step_N`` folder verl 0.9's ``_load_checkpoint`` just resumed from, or
+    None when it did not resume (``resume_mode`` "disable", or "auto" with no checkpoint)."""
+    mode = _trainer_option(trainer, "resume_mode", "auto")
+    if mode == "disable" or not trainer.global_steps:
+        return None
+    if mode == "resume_path":
+        folder = str(_trainer_option(trainer, "resume_from_path"))
+    else:
+        folder = os.path.join(
+            str(_trainer_option(trainer, "default_local_dir")),
+            f"global_step_{trainer.global_steps}",
+        )
+    return os.path.abspath(folder)
+
+
+class RiskPOCheckpointMixin:
+    """Saves RiskPO's driver-side state (bundling generator, quantile tracker, the options
+    that shape them) in verl's checkpoints and restores it on resume, so a resumed run
+    draws the bundles and quantiles the uninterrupted run would have drawn.
+
+    Put it first among the bases of the verl trainer the run uses::
+
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+        from riskfast.integrations.verl import RiskPOCheckpointMixin
+
+        class Trainer(RiskPOCheckpointMixin, RayPPOTrainer):
+            pass
+
+    It wraps verl 0.9's ``_save_checkpoint`` and ``_load_checkpoint``, which
+    ``RayPPOTrainer`` and the v1 ``PPOTrainer`` (``verl.trainer.ppo.v1.trainer_base``)
+    both define, and reads the ``trainer`` options they read (``default_local_dir``,
+    ``resume_mode``, ``resume_from_path``):
+
+    - after verl writes ``default_local_dir/global_step_N/``, it writes
+      :data:`STATE_FILE` there (atomically; nothing when no advantage has been computed
+      yet, e.g. another estimator). A copy to ``default_hdfs_dir`` is not made: verl 0.9
+      cannot resume from HDFS either.
+    - after verl resumes from a ``global_step_N`` folder, it restores the state saved
+      there (:func:`load_state_dict`: checked whole, and the run's config must then have
+      the saved options). A folder without the file (a checkpoint written without the
+      mixin) gives a ``UserWarning`` and the fresh state of an unpatched resume.
+    """
+
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._save_checkpoint(*args, **kwargs)  # type: ignore[misc]
+        if _STATE.options is not None:
+            folder = os.path.join(
+                str(_trainer_option(self, "default_local_dir")), f"global_step_{self.global_steps}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, STATE_FILE)
+            torch.save(state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return result
+
+    def _load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._load_checkpoint(*args, **kwargs)  # type: ignore[misc]
+        folder = _resumed_folder(self)
+        if folder is not None:
+            path = os.path.join(folder, STATE_FILE)
+            if os.path.exists(path):
+                load_state_dict(torch.load(path, weights_only=True))
+            else:
+                import warnings
+
+                warnings.warn(
+                    f"{path} not found (a checkpoint written without RiskPOCheckpointMixin): "
+                    "RiskPO's bundling generator and quantile tracker start afresh",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return result
 
 
 def uids_to_question_ids(index: Any) -> torch.Tensor:
@@ -476,6 +547,8 @@ __all__ = [
     "ADVANTAGE_ESTIMATOR_NAME",
     "POLICY_LOSS_NAME",
     "RATIO_LEVEL_ENV",
+    "STATE_FILE",
+    "RiskPOCheckpointMixin",
     "compute_fused_policy_loss_riskpo",
     "compute_policy_loss_riskpo",
     "compute_riskpo_outcome_advantage",
