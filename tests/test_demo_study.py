@@ -453,6 +453,44 @@ def test_study_resumes_an_interrupted_study(tiny_study: tuple[Path, dict[str, An
     assert (copy / "table.md").read_text() == (out / "table.md").read_text()
 
 
+def test_study_report_only_reads_finished_runs_and_names_missing_ones(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--report-only`` rebuilds the report of the finished seeds without training (no
+    result file touched, the same table), and refuses, naming what is missing and
+    writing nothing, where a run or a warm start is not finished or no study exists."""
+    out, summary = tiny_study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("summary.json", "table.md"):
+        (copy / name).unlink()
+    results = sorted(copy.glob("seed*/*/lr*/result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    assert main([*STUDY_ARGV, "--out", str(copy), "--no-plot", "--report-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in results} == before
+    again = json.loads((copy / "summary.json").read_text())
+    assert again["table"] == summary["table"] and again["selected"] == summary["selected"]
+    assert (copy / "table.md").read_text() == (out / "table.md").read_text()
+    # one seed of the two, read alone: its numbers (a study in progress, read so far)
+    assert main([*STUDY_ARGV, "--seeds", "0", "--out", str(copy), "--no-plot", "--report-only"]) == 0
+    seed0 = json.loads((copy / "summary.json").read_text())
+    assert seed0["seeds"] == [0]
+    assert seed0["table"][1]["pass@1"]["values"] == summary["table"][1]["pass@1"]["values"][:1]
+    # missing: an unfinished run and a seed never started; nothing is trained or written
+    (copy / "seed1" / "official-math" / "lr0.001" / "result.json").unlink()
+    listing = sorted(str(p) for p in copy.rglob("*"))
+    capsys.readouterr()
+    three_seeds = [*STUDY_ARGV, "--seeds", "0", "1", "2"]
+    assert main([*three_seeds, "--out", str(copy), "--no-plot", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "report-only: 7 not finished" in err, err  # 1 run + seed 2's warm start and 5 runs
+    assert "seed 1 official-math lr 0.001" in err and "seed 2 warm start" in err
+    assert sorted(str(p) for p in copy.rglob("*")) == listing
+    assert main([*STUDY_ARGV, "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    assert "holds no study" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_study_refuses_other_settings_in_the_same_folder(
     tiny_study: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,7 +20,9 @@ beside its curves and its trained policy, ``policy.pt``, which
 ``scripts/study_large_k.py`` evaluates further without retraining); a study run
 again with the same ``--out`` skips what is finished (a run interrupted midway restarts
 from its warm start), so an interrupted study resumes and a finished one only rebuilds
-its report. Settings that change results are stored in ``OUT/study_config.json``; a
+its report; ``--report-only`` builds the report from finished runs and trains nothing
+(a missing run is an error naming it), which reads a study in progress over the seeds
+it has finished. Settings that change results are stored in ``OUT/study_config.json``; a
 second run with other settings in the same folder is refused (seeds, arms and grids may
 grow, and ``--select`` may change: it picks among finished runs and retrains nothing). On
 one machine the results are bit for bit a function of the settings (the thread count
@@ -171,6 +173,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "threads (default 1); results do not depend on it")
     add("--device", default="cpu", help="cpu (default), cuda, ...")
     add("--no-plot", action="store_true", help="skip report.png")
+    add("--report-only", action="store_true",
+        help="train nothing: the report from finished runs only (a study in progress can be "
+        "read this way, over the seeds it has finished); a missing run is an error naming it")
     add("--quick", action="store_true",
         help="a smoke study: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
         + " (options given on the command line win)")
@@ -288,6 +293,35 @@ def _seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     return seed_args
 
 
+def _stored_warm_start(args: argparse.Namespace, seed: int) -> dict[str, Any] | None:
+    """The seed's finished warm start made with these settings, or None."""
+    folder = args.out / f"seed{seed}"
+    summary_path = folder / "warm.json"
+    if not summary_path.exists() or not (folder / "warm_start.pt").exists():
+        return None
+    saved = json.loads(summary_path.read_text())
+    key = {k: getattr(_seed_args(args, seed), k) for k in WARM_START_KEYS}
+    return saved if saved.get("key") == key else None
+
+
+def _fingerprint(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> dict[str, Any]:
+    return {"config": study_config(args), "seed": seed, "arm": arm_name, "lr": lr,
+            "options": args.arm_options[arm_name]}
+
+
+def _stored_run(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> dict[str, Any] | None:
+    """The run's finished result made with these settings, or None."""
+    result_path = _run_dir(args.out, seed, arm_name, lr) / "result.json"
+    if not result_path.exists():
+        return None
+    saved = json.loads(result_path.read_text())
+    stored = saved.get("fingerprint") or {}
+    fingerprint = _fingerprint(args, seed, arm_name, lr)
+    same = {**stored, "config": _run_settings(stored.get("config", {}))} == {
+        **fingerprint, "config": _run_settings(fingerprint["config"])}
+    return saved if same else None
+
+
 def prepare_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The seed's warm start (trained once, then reused) and its val/test evaluations."""
     import torch
@@ -296,14 +330,13 @@ def prepare_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from .train import evaluate_state, prepare_warm_start
 
     folder = args.out / f"seed{seed}"
+    saved = _stored_warm_start(args, seed)
+    if saved is not None:
+        return saved
     folder.mkdir(parents=True, exist_ok=True)
     summary_path = folder / "warm.json"
     seed_args = _seed_args(args, seed)
     key = {k: getattr(seed_args, k) for k in WARM_START_KEYS}
-    if summary_path.exists():
-        saved = json.loads(summary_path.read_text())
-        if saved.get("key") == key and (folder / "warm_start.pt").exists():
-            return saved
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tokenizer = build_tokenizer()
@@ -331,16 +364,12 @@ def run_one(args: argparse.Namespace, seed: int, arm_name: str, lr: float) -> di
     from .task import build_tokenizer
     from .train import Arm, RunSettings, evaluate_state, train_arm
 
+    saved = _stored_run(args, seed, arm_name, lr)
+    if saved is not None:
+        return saved
     folder = _run_dir(args.out, seed, arm_name, lr)
     result_path = folder / "result.json"
-    fingerprint = {"config": study_config(args), "seed": seed, "arm": arm_name, "lr": lr,
-                   "options": args.arm_options[arm_name]}
-    if result_path.exists():
-        saved = json.loads(result_path.read_text())
-        stored = saved.get("fingerprint") or {}
-        if {**stored, "config": _run_settings(stored.get("config", {}))} == {
-            **fingerprint, "config": _run_settings(fingerprint["config"])}:
-            return saved
+    fingerprint = _fingerprint(args, seed, arm_name, lr)
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -602,9 +631,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     config = study_config(args)
     config_path = out / "study_config.json"
+    if args.report_only and not config_path.exists():
+        raise ValueError(f"report-only: {out} holds no study ({config_path.name} missing)")
+    out.mkdir(parents=True, exist_ok=True)
     if config_path.exists():
         stored = _run_settings(json.loads(config_path.read_text()))
         current = _run_settings(config)
@@ -632,7 +663,15 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         for i, (seed, arm, lr, seconds) in enumerate(run_map(_run_task, tasks), 1):
             print(f"[study] {i}/{len(tasks)} seed {seed} {arm} lr {lr:g}: {seconds:.0f} s", flush=True)
 
-    if args.jobs == 1:
+    if args.report_only:
+        warm.update({seed: _stored_warm_start(args, seed) for seed in args.seeds})
+        missing = [f"seed {seed} warm start" for seed, w in warm.items() if w is None]
+        missing += [f"seed {seed} {arm} lr {lr:g}" for (_, seed, arm, lr) in tasks
+                    if _stored_run(args, seed, arm, lr) is None]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ValueError(f"report-only: {len(missing)} not finished in {out}: {shown}")
+    elif args.jobs == 1:
         work(None)
     else:
         import multiprocessing
