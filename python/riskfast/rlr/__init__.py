@@ -32,6 +32,7 @@ from .estimators import (
     window_starts,
 )
 from .lora import add_lora, load_lora_weights, save_lora_weights
+from .memory import WindowMemory, window_memory
 from .sampler import (
     Chain,
     GuidedDenoiser,
@@ -61,6 +62,7 @@ __all__ = [
     "RLRTrainer",
     "StepOutput",
     "TrainerConfig",
+    "WindowMemory",
     "add_lora",
     "call_denoiser",
     "estimate_grad",
@@ -72,5 +74,6 @@ __all__ = [
     "step_roles",
     "step_with_logprob",
     "transition_coefficients",
+    "window_memory",
     "window_starts",
 ]

@@ -978,42 +978,23 @@ def _estimate(
     sync: GradientSync | None,
     validate_only: bool = False,
 ) -> dict[str, Any]:
-    timesteps = check_scheduler(scheduler)
-    num_steps = len(timesteps)
-    params = _trainable_parameters(denoiser, parameters)
-    coefficients: list[TransitionCoefficients | None] = [None] + [
-        transition_coefficients(scheduler, timesteps[num_steps - s], config.eta)
-        for s in range(1, num_steps + 1)
-    ]
-    repeats = 2 if _ANTITHETIC[config.estimator](config) else 1
-    model = GuidedDenoiser(
+    run = _make_run(
         denoiser,
-        timesteps,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=config.guidance_scale,
-        base_batch=x_T.shape[0],
-        repeats=repeats,
+        scheduler,
+        reward_fn,
+        x_T,
+        config,
+        generator,
+        cond,
+        uncond,
+        parameters,
+        state,
+        sync,
     )
-    run = EstimationRun(
-        model=model,
-        reward_fn=reward_fn,
-        x_T=x_T,
-        params=params,
-        config=config,
-        generator=generator,
-        state=state,
-        num_steps=num_steps,
-        coefficients=coefficients,
-        timesteps=timesteps,
-        scheduler=scheduler,
-        base_batch=x_T.shape[0],
-        repeats=repeats,
-        sync=sync,
-    )
-    _validate(run)
     if validate_only:
         return {}
+    model = run.model
+    params = run.params
     generator_state = generator.get_state()
     state_backup = state.state_dict() if state is not None else None
     try:
@@ -1052,3 +1033,54 @@ def _estimate(
     metrics.update(term_norms)
     metrics.update(run.metrics)
     return metrics
+
+
+def _make_run(
+    denoiser: Callable[..., Any],
+    scheduler: Any,
+    reward_fn: Callable[[torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    config: RLRConfig,
+    generator: torch.Generator,
+    cond: Conditioning,
+    uncond: Conditioning,
+    parameters: Sequence[torch.Tensor] | None,
+    state: RLRState | None,
+    sync: GradientSync | None,
+) -> EstimationRun:
+    """The validated :class:`EstimationRun` of one call (nothing drawn yet)."""
+    timesteps = check_scheduler(scheduler)
+    num_steps = len(timesteps)
+    params = _trainable_parameters(denoiser, parameters)
+    coefficients: list[TransitionCoefficients | None] = [None] + [
+        transition_coefficients(scheduler, timesteps[num_steps - s], config.eta)
+        for s in range(1, num_steps + 1)
+    ]
+    repeats = 2 if _ANTITHETIC[config.estimator](config) else 1
+    model = GuidedDenoiser(
+        denoiser,
+        timesteps,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=config.guidance_scale,
+        base_batch=x_T.shape[0],
+        repeats=repeats,
+    )
+    run = EstimationRun(
+        model=model,
+        reward_fn=reward_fn,
+        x_T=x_T,
+        params=params,
+        config=config,
+        generator=generator,
+        state=state,
+        num_steps=num_steps,
+        coefficients=coefficients,
+        timesteps=timesteps,
+        scheduler=scheduler,
+        base_batch=x_T.shape[0],
+        repeats=repeats,
+        sync=sync,
+    )
+    _validate(run)
+    return run
