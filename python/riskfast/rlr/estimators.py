@@ -896,17 +896,19 @@ def estimate_grad(
             ),
         )
     return _estimate(
-        denoiser,
-        scheduler,
-        reward_fn,
-        x_T,
-        config,
-        generator,
-        cond,
-        uncond,
-        parameters,
-        state,
-        sync,
+        _make_run(
+            denoiser,
+            scheduler,
+            reward_fn,
+            x_T,
+            config,
+            generator,
+            cond,
+            uncond,
+            parameters,
+            state,
+            sync,
+        )
     )
 
 
@@ -959,40 +961,14 @@ def _agree_on_input(
 
 
 def _check_call(*args: Any) -> torch.Generator:
-    """The validation of :func:`_estimate` alone (nothing drawn, nothing changed)."""
-    _estimate(*args, validate_only=True)
+    """The validation of :func:`_make_run` alone (nothing drawn, nothing changed)."""
+    _make_run(*args)
     return args[5]
 
 
-def _estimate(
-    denoiser: Callable[..., Any],
-    scheduler: Any,
-    reward_fn: Callable[[torch.Tensor], torch.Tensor],
-    x_T: torch.Tensor,
-    config: RLRConfig,
-    generator: torch.Generator,
-    cond: Conditioning,
-    uncond: Conditioning,
-    parameters: Sequence[torch.Tensor] | None,
-    state: RLRState | None,
-    sync: GradientSync | None,
-    validate_only: bool = False,
-) -> dict[str, Any]:
-    run = _make_run(
-        denoiser,
-        scheduler,
-        reward_fn,
-        x_T,
-        config,
-        generator,
-        cond,
-        uncond,
-        parameters,
-        state,
-        sync,
-    )
-    if validate_only:
-        return {}
+def _estimate(run: EstimationRun) -> dict[str, Any]:
+    """Run the configured estimator on a validated run and hand its gradient to ``.grad``."""
+    config, generator, state, sync, x_T = run.config, run.generator, run.state, run.sync, run.x_T
     model = run.model
     params = run.params
     generator_state = generator.get_state()
