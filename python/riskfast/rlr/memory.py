@@ -167,7 +167,9 @@ def window_memory(
     Args: as :func:`riskfast.rlr.estimate_grad` (``x_T`` ``[B, ...]``: the batch the
     estimator will see; with ``rest="zo"`` it runs ``2B`` chains, and so does this).
     ``config.estimator`` must be ``"rlr"``; its ``window`` and ``window_start`` are not
-    used (the measurement sets its own).
+    used (the measurement sets its own). The parameters and buffers of an
+    ``nn.Module`` denoiser are excluded from the count; a plain callable's weights are
+    excluded only when passed in ``parameters``.
 
     Returns:
         :class:`WindowMemory`; ``.largest_window(budget_bytes)`` gives h for a budget.
