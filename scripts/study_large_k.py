@@ -5,11 +5,11 @@ the study stored with the run (``policy.pt``), or, for a run stored without one 
 ``--retrain``), the policy retrained from the study's stored warm start (on one machine a
 run is a function of its settings, so the retrained policy is the study's). Either way it
 checks that the policy's 16-sample test pass@1 and pass@16 equal the study's
-``result.json`` exactly. It then samples ``--samples`` completions per test question at temperature 1 and reports
-the unbiased pass@k (spec ``riskpo.md`` section 6) for k = 1, 2, 4, ..., ``--samples``,
-for the warm start and every arm, with mean and 95% t-interval over seeds and the
-paired differences; then the same per question level (number of digits) at k = 1, 16 and
-``--samples``. Usage (the study's own command line after ``--``)::
+``result.json`` exactly. It then samples ``--samples`` completions per test question at
+temperature 1 and reports the unbiased pass@k (spec ``riskpo.md`` section 6) for
+k = 1, 2, 4, ..., ``--samples``, for the warm start and every arm, with mean and 95%
+t-interval over seeds and the paired differences; then the same per question level
+(number of digits) at k = 1, 16 and ``--samples``. Usage (the study's own command line after ``--``)::
 
     .venv/bin/python scripts/study_large_k.py --samples 64 --jobs 2 -- \\
         --arms grpo official-math ... --out riskfast_out/study-hard
