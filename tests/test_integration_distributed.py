@@ -117,6 +117,12 @@ def _worker(out_dir: str) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    # Leave the process group before exiting: a rank that exits with gloo's threads
+    # still running can abort in teardown ("terminate called without an active
+    # exception", seen once on the 2-core machine after training had finished).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _launch(out_dir: Path) -> subprocess.CompletedProcess[str]:
