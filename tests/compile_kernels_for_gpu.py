@@ -138,8 +138,10 @@ def _drive_ops() -> None:
 
     def launch_advantages(*args, **kwargs) -> None:
         # The recorded launch does not run, so the outputs hold whatever torch.empty
-        # gave; the rewards are small, so no check reads the member scores afterwards.
-        advantages(*args, backend="triton", **kwargs)
+        # gave, non-finite bit patterns included: validate=False, or the check of the
+        # computed scores and advantages refuses them (it did, once in two suite runs).
+        # The kernel and its launch do not depend on validate.
+        advantages(*args, backend="triton", validate=False, **kwargs)
 
     risk = [
         {"estimator": "mvar"},
