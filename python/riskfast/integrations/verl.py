@@ -78,6 +78,7 @@ then the registered loss.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -243,11 +244,15 @@ def _resumed_folder(trainer: Any) -> str | None:
     if mode == "resume_path":
         folder = str(_trainer_option(trainer, "resume_from_path"))
     else:
-        folder = os.path.join(
-            str(_trainer_option(trainer, "default_local_dir")),
-            f"global_step_{trainer.global_steps}",
-        )
+        folder = _step_folder(trainer)
     return os.path.abspath(folder)
+
+
+def _step_folder(trainer: Any) -> str:
+    """``default_local_dir/global_step_N``, where verl 0.9 saves step N's checkpoint."""
+    return os.path.join(
+        str(_trainer_option(trainer, "default_local_dir")), f"global_step_{trainer.global_steps}"
+    )
 
 
 class RiskPOCheckpointMixin:
@@ -281,9 +286,7 @@ class RiskPOCheckpointMixin:
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         result = super()._save_checkpoint(*args, **kwargs)  # type: ignore[misc]
         if _STATE.options is not None:
-            folder = os.path.join(
-                str(_trainer_option(self, "default_local_dir")), f"global_step_{self.global_steps}"
-            )
+            folder = _step_folder(self)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, STATE_FILE)
             torch.save(state_dict(), path + ".tmp")
@@ -298,8 +301,6 @@ class RiskPOCheckpointMixin:
             if os.path.exists(path):
                 load_state_dict(torch.load(path, weights_only=True))
             else:
-                import warnings
-
                 warnings.warn(
                     f"{path} not found (a checkpoint written without RiskPOCheckpointMixin): "
                     "RiskPO's bundling generator and quantile tracker start afresh",
