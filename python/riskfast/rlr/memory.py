@@ -174,8 +174,9 @@ def window_memory(
     Returns:
         :class:`WindowMemory`; ``.largest_window(budget_bytes)`` gives h for a budget.
 
-    It samples the chain once without gradients (T denoiser calls) and runs three window
-    forwards (no backward), from its own generator: the caller's generators, the
+    It samples the chain once without gradients (T denoiser calls) and runs the window's
+    forward (no backward) for h = 1, 2, 3, and with checkpointing for h = 1, 2 without
+    it, from its own generator: the caller's generators, the
     parameters and their ``.grad`` are left as they were.
     """
     _check_arguments(config, lambda x: x, x_T, None, None)
