@@ -3,8 +3,10 @@
 
 The oracle for what the estimator holds is the estimator itself: the saved-tensor bytes
 alive when ``estimate_grad`` stages the window's term (before its backward), counted
-from inside a real call, for h = 1..5. Physical checks beside it: doubling the batch
-doubles every number; the checkpointed backward rebuilds what an unchecked step holds.
+from inside a real call, for h = 1..5. Both sides count with the same saved-tensor
+counter, which is checked on its own against graphs whose saved tensors are known by
+hand. Physical checks beside it: doubling the batch doubles every number; the
+checkpointed backward rebuilds what an unchecked step holds.
 """
 
 from __future__ import annotations
@@ -125,3 +127,23 @@ def test_largest_window_for_a_budget() -> None:
             memory.bytes_for(bad)
     with pytest.raises(TypeError, match="^budget_bytes:"):
         memory.largest_window(1.5e9)
+
+
+def test_saved_bytes_counts_hand_known_graphs() -> None:
+    """The counter on graphs whose saved tensors are known by hand: ``exp`` saves its
+    result, ``mul`` saves both operands (the excluded weight is not counted, a storage
+    saved twice counts once), ``sin`` saves its input; freeing the graph frees them."""
+    n = 1000
+    weight = torch.randn(n, requires_grad=True)
+    x = torch.randn(n, requires_grad=True)  # made before counting: a new input, counted
+    with _SavedBytes([weight]) as saved:
+        y = x.exp()  # saves y: 4n
+        z = y * weight  # saves y (same storage: no more) and weight (excluded)
+        assert saved.live == 4 * n
+        w = z.sin()  # saves z: 4n more
+        loss = w.sum()
+        assert saved.live == 8 * n and saved.peak == 8 * n
+        assert saved.live_excluding([y]) == 4 * n
+        loss.backward()  # frees the graph and every saved tensor with it
+        del y, z, w, loss
+        assert saved.live == 0 and saved.peak == 8 * n
