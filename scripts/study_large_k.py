@@ -273,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- |" + " --- |" * len(metrics))
     for name, row in [*table.items(), *diffs.items()]:
         print(f"| {name} | " + " | ".join(_cell(row[m], " - " in name) for m in metrics) + " |")
+    # each paired difference at the largest k: how many seeds it does not favour
+    top = f"pass@{max(int(m.split('@')[1]) for m in metrics if m.startswith('pass@'))}"
+    print(f"\n| difference at {top} | mean [95% CI] | seeds at or below 0 |")
+    print("| --- | --- | --- |")
+    for name, row in diffs.items():
+        cell = row[top]
+        print(f"| {name} | {_cell(cell, True)} | {cell['at_or_below_zero']} of {len(args.seeds)} |")
     if all("test_by_level" in r for r in rows):  # runs stored by an older script lack it
         levels = sorted(set.intersection(*(set(r["test_by_level"]) for r in rows)), key=int)
         shown = [m for m in ("pass@1", "pass@16", f"pass@{opts.samples}") if m in metrics]

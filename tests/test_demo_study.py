@@ -197,10 +197,13 @@ def test_seed_tables_pair_each_seed_before_averaging() -> None:
     from riskfast.demo.study import seed_tables
 
     by = {("a", 0): {"m": 1.0}, ("a", 1): {"m": 3.0}, ("b", 0): {"m": 0.0}, ("b", 1): {"m": 1.0}}
-    table, diffs = seed_tables(by, [0, 1], ["a", "b"], [("a", "b")], ["m"])
-    assert list(diffs) == ["a - b"] and list(table) == ["a", "b"]
+    table, diffs = seed_tables(by, [0, 1], ["a", "b"], [("a", "b"), ("b", "a"), ("a", "a")], ["m"])
+    assert list(diffs) == ["a - b", "b - a", "a - a"] and list(table) == ["a", "b"]
     d = diffs["a - b"]["m"]
     assert d["values"] == [1.0, 2.0] and d["mean"] == 1.5
+    # seeds where the first arm does not beat the second (a tie counts)
+    assert [diffs[p]["m"]["at_or_below_zero"] for p in diffs] == [0, 2, 2]
+    assert "at_or_below_zero" not in table["a"]["m"]
     assert d["high"] - 1.5 == pytest.approx(12.706 * 0.5, abs=1e-3)
     assert table["a"]["m"]["mean"] == 2.0
     assert table["a"]["m"]["high"] - 2.0 == pytest.approx(12.706, abs=1e-3)
@@ -291,7 +294,7 @@ def _large_k_script() -> Any:
 
 
 def test_large_k_script_reproduces_the_study_from_stored_or_retrained_policies(
-    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from riskfast.demo.study import METRICS, POLICY_FILE, _run_dir
 
@@ -303,6 +306,13 @@ def test_large_k_script_reproduces_the_study_from_stored_or_retrained_policies(
     (_run_dir(copy, 0, "grpo", summary["selected"]["grpo"]["0"]["lr"]) / POLICY_FILE).unlink()
     assert script.main(["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]) == 0
     result = json.loads((copy / "large_k.json").read_text())
+    # each paired difference at the largest k, with its seeds at or below zero, printed
+    printed = capsys.readouterr().out
+    for name, row in result["differences"].items():
+        cell = row["pass@16"]
+        assert cell["at_or_below_zero"] == sum(v <= 0 for v in cell["values"])
+        assert f"| {name} | {cell['mean']:+.3f} [" in printed
+        assert f"| {cell['at_or_below_zero']} of 2 |" in printed
     got = {(r["arm"], r["seed"]): r["test"] for r in result["runs"]}
     assert {(r["arm"], r["seed"]): r["policy"] for r in result["runs"]} == {
         **{("warm start", s): None for s in (0, 1)},

@@ -455,12 +455,16 @@ def seed_tables(
     metrics: Sequence[str],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Mean and 95% t-interval over ``seeds`` of each arm's metrics, ``by[(arm, seed)][m]``,
-    and of each paired difference ``a - b`` (the same seed's values subtracted first)."""
+    and of each paired difference ``a - b`` (the same seed's values subtracted first); a
+    difference also counts its seeds at or below zero (``"at_or_below_zero"``: seeds where
+    ``a`` does not beat ``b``)."""
     table = {arm: {m: t_interval([by[(arm, s)][m] for s in seeds]) for m in metrics} for arm in arms}
-    differences = {
-        f"{a} - {b}": {m: t_interval([by[(a, s)][m] - by[(b, s)][m] for s in seeds]) for m in metrics}
-        for a, b in pairs
-    }
+
+    def difference(a: str, b: str, m: str) -> dict[str, Any]:
+        stats = t_interval([by[(a, s)][m] - by[(b, s)][m] for s in seeds])
+        return {**stats, "at_or_below_zero": sum(v <= 0 for v in stats["values"])}
+
+    differences = {f"{a} - {b}": {m: difference(a, b, m) for m in metrics} for a, b in pairs}
     return table, differences
 
 
