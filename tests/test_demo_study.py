@@ -501,6 +501,60 @@ def test_study_report_only_reads_finished_runs_and_names_missing_ones(
     assert not (tmp_path / "none").exists()
 
 
+def test_study_progress_shows_finished_runs_picks_and_grid_edges(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--progress`` writes nothing and prints, per seed and arm, the finished runs, their
+    validation scores, the rate picked so far (the study's own pick where the grid is
+    complete) and whether the pick sits at an edge of the grid; a seed not started shows
+    no runs; with ``--report-only``, or where no study exists, it refuses."""
+    from riskfast.demo.study import _resolve, add_study_arguments, study_progress
+
+    out, summary = tiny_study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "seed1" / "paper" / "lr0.001" / "result.json").unlink()
+    listing = {str(p): p.stat().st_mtime_ns for p in copy.rglob("*")}
+    capsys.readouterr()
+    argv = [*STUDY_ARGV, "--seeds", "0", "1", "2", "--out", str(copy)]
+    assert main([*argv, "--progress"]) == 0
+    printed = capsys.readouterr().out
+    assert {str(p): p.stat().st_mtime_ns for p in copy.rglob("*")} == listing
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser)
+    rows = {(r["seed"], r["arm"]): r for r in study_progress(_resolve(parser.parse_args(argv[1:])))}
+    assert len(rows) == 3 * 3
+    val = {(r["seed"], r["arm"], r["lr"]): r["val"] for r in summary["runs"]}
+    for (seed, arm), row in rows.items():
+        grid = summary["grids"][arm]
+        if seed == 2:  # never started: no warm start, no runs
+            assert (row["warm_start"], row["finished"], row["pick"], row["complete"]) == (
+                False, 0, None, False)
+            continue
+        assert row["warm_start"] and row["grid"] == sorted(grid)
+        finished = [lr for lr in grid if (seed, arm) != (1, "paper") or lr != 1e-3]
+        assert row["val_scores"] == {
+            f"{lr:g}": sum(val[(seed, arm, lr)][f"pass@{k}"] for k in (1, 2, 4, 8, 16)) / 5
+            for lr in finished
+        }
+        assert row["finished"] == len(finished) and row["complete"] == (len(finished) == len(grid))
+        if row["complete"]:
+            assert row["pick"] == summary["selected"][arm][str(seed)]["lr"]
+            # a grid of one or two rates: every pick is at an edge
+            assert row["edge"] == ("low" if row["pick"] == min(grid) else "high")
+        else:
+            assert (row["pick"], row["edge"]) == (3e-4, None)
+            assert f"| 1 | paper | ready | 1/2 | 0.0003 {row['val_scores']['0.0003']:.4f} | 0.0003 so far |  |" in printed
+    assert "| 0 | official-math | ready | 1/1 |" in printed and "one rate: grow the grid |" in printed
+    assert "| 2 | grpo | missing | 0/2 | - | - |  |" in printed
+    assert "9 of 15 runs finished." in printed
+    assert main([*argv, "--progress", "--report-only"]) == 2
+    assert "progress: --progress and --report-only exclude each other" in capsys.readouterr().err
+    assert main([*STUDY_ARGV, "--out", str(tmp_path / "none"), "--progress"]) == 2
+    assert "progress: " in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_study_refuses_other_settings_in_the_same_folder(
     tiny_study: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:

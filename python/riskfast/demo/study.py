@@ -22,7 +22,9 @@ again with the same ``--out`` skips what is finished (a run interrupted midway r
 from its warm start), so an interrupted study resumes and a finished one only rebuilds
 its report; ``--report-only`` builds the report from finished runs and trains nothing
 (a missing run is an error naming it), which reads a study in progress over the seeds
-it has finished. Settings that change results are stored in ``OUT/study_config.json``; a
+it has finished; ``--progress`` writes nothing and prints, per seed and arm, the finished
+runs, the rate validation picks so far and whether that pick sits at an edge of its grid
+(:func:`study_progress`). Settings that change results are stored in ``OUT/study_config.json``; a
 second run with other settings in the same folder is refused (seeds, arms and grids may
 grow, and ``--select`` may change: it picks among finished runs and retrains nothing). On
 one machine the results are bit for bit a function of the settings (the thread count
@@ -176,6 +178,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     add("--report-only", action="store_true",
         help="train nothing: the report from finished runs only (a study in progress can be "
         "read this way, over the seeds it has finished); a missing run is an error naming it")
+    add("--progress", action="store_true",
+        help="train nothing, write nothing: per seed and arm, the finished runs, their "
+        "validation scores, the rate picked so far and whether it sits at an edge of the "
+        "grid (grow the grid there)")
     add("--quick", action="store_true",
         help="a smoke study: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
         + " (options given on the command line win)")
@@ -474,16 +480,19 @@ def _select_value(block: dict[str, Any], metric: str) -> float:
     return block[metric]
 
 
+def _pick(candidates: Sequence[dict[str, Any]], select: str) -> dict[str, Any]:
+    """The run that validation selects: highest ``select`` score on the validation split;
+    ties go to the smaller learning rate."""
+    return max(candidates, key=lambda r: (_select_value(r["val"], select), -r["lr"]))
+
+
 def summarize(args: argparse.Namespace, warm: dict[int, Any], runs: dict[tuple, Any]) -> dict[str, Any]:
     """Selection per seed and arm, the table, paired differences (see the module docstring)."""
     selected: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in args.arms:
         selected[arm] = {}
         for seed in args.seeds:
-            candidates = [runs[(seed, arm, lr)] for lr in args.grids[arm]]
-            # Highest validation score; ties go to the smaller learning rate.
-            best = max(candidates, key=lambda r: (_select_value(r["val"], args.select), -r["lr"]))
-            selected[arm][seed] = best
+            selected[arm][seed] = _pick([runs[(seed, arm, lr)] for lr in args.grids[arm]], args.select)
     by = {("warm start", s): warm[s]["test"] for s in args.seeds}
     by.update({(arm, s): selected[arm][s]["test"] for arm in args.arms for s in args.seeds})
     vs_grpo = [(arm, "grpo") for arm in args.arms if arm != "grpo" and "grpo" in args.arms]
@@ -504,6 +513,52 @@ def summarize(args: argparse.Namespace, warm: dict[int, Any], runs: dict[tuple, 
         "differences_vs_warm_start": against_start,
         "selected_runs": selected,
     }
+
+
+def study_progress(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Where a study stands, training nothing: per seed and arm, the finished runs of the
+    arm's grid with their validation scores (``args.select``), the rate validation picks
+    among them, and whether the grid is complete and its pick at an edge of the grid (the
+    smallest or the largest rate: where a grid should grow before the pick is trusted).
+    ``args`` must be resolved (``_resolve``)."""
+    rows = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            grid = sorted(args.grids[arm])
+            finished = [r for lr in grid if (r := _stored_run(args, seed, arm, lr)) is not None]
+            pick = _pick(finished, args.select)["lr"] if finished else None
+            complete = len(finished) == len(grid)
+            rows.append({
+                "seed": seed,
+                "arm": arm,
+                "warm_start": _stored_warm_start(args, seed) is not None,
+                "finished": len(finished),
+                "grid": grid,
+                "val_scores": {f"{r['lr']:g}": _select_value(r["val"], args.select) for r in finished},
+                "pick": pick,
+                "complete": complete,
+                "edge": None if not complete else "low" if pick == grid[0] else
+                        "high" if pick == grid[-1] else None,
+            })
+    return rows
+
+
+def format_progress(rows: Sequence[dict[str, Any]], select: str) -> str:
+    """:func:`study_progress` as a markdown table."""
+    lines = [f"| seed | arm | warm start | runs | validation {select} by rate | pick | grid edge |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        scores = ", ".join(f"{lr} {v:.4f}" for lr, v in row["val_scores"].items()) or "-"
+        pick = "-" if row["pick"] is None else f"{row['pick']:g}" + ("" if row["complete"] else " so far")
+        edge = {None: "", "low": "lowest rate: grow the grid down",
+                "high": "highest rate: grow the grid up"}[row["edge"]]
+        if len(row["grid"]) == 1 and row["edge"]:
+            edge = "one rate: grow the grid"
+        lines.append(f"| {row['seed']} | {row['arm']} | {'ready' if row['warm_start'] else 'missing'} | "
+                     f"{row['finished']}/{len(row['grid'])} | {scores} | {pick} | {edge} |")
+    done = sum(r["finished"] for r in rows)
+    lines.append(f"\n{done} of {sum(len(r['grid']) for r in rows)} runs finished.")
+    return "\n".join(lines)
 
 
 def _cell(stats: dict[str, Any], signed: bool = False) -> str:
@@ -637,8 +692,12 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     config = study_config(args)
     config_path = out / "study_config.json"
-    if args.report_only and not config_path.exists():
-        raise ValueError(f"report-only: {out} holds no study ({config_path.name} missing)")
+    if args.report_only and args.progress:
+        raise ValueError("progress: --progress and --report-only exclude each other")
+    for flag in ("report_only", "progress"):
+        if getattr(args, flag) and not config_path.exists():
+            name = flag.replace("_", "-")
+            raise ValueError(f"{name}: {out} holds no study ({config_path.name} missing)")
     out.mkdir(parents=True, exist_ok=True)
     if config_path.exists():
         stored = _run_settings(json.loads(config_path.read_text()))
@@ -651,6 +710,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             )
     else:
         _write_json(config_path, config)
+    if args.progress:
+        rows = study_progress(args)
+        print(format_progress(rows, args.select))
+        return {"progress": rows}
     started = time.perf_counter()
     tasks = [(args, seed, arm, lr) for seed in args.seeds for arm in args.arms
              for lr in args.grids[arm]]
