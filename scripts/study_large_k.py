@@ -280,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in diffs.items():
         cell = row[top]
         print(f"| {name} | {_cell(cell, True)} | {cell['at_or_below_zero']} of {len(args.seeds)} |")
+    # the same largest k seed by seed: which seeds carry a mean
+    print(f"\n| {top} by seed | " + " | ".join(str(s) for s in args.seeds) + " |")
+    print("| --- |" + " --- |" * len(args.seeds))
+    for name, row in [*table.items(), *diffs.items()]:
+        signed = " - " in name
+        cells = [f"{v:+.3f}" if signed else f"{v:.3f}" for v in row[top]["values"]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if all("test_by_level" in r for r in rows):  # runs stored by an older script lack it
         levels = sorted(set.intersection(*(set(r["test_by_level"]) for r in rows)), key=int)
         shown = [m for m in ("pass@1", "pass@16", f"pass@{opts.samples}") if m in metrics]

@@ -313,6 +313,11 @@ def test_large_k_script_reproduces_the_study_from_stored_or_retrained_policies(
         assert cell["at_or_below_zero"] == sum(v <= 0 for v in cell["values"])
         assert f"| {name} | {cell['mean']:+.3f} [" in printed
         assert f"| {cell['at_or_below_zero']} of 2 |" in printed
+        # and seed by seed
+        assert f"| {name} | {cell['values'][0]:+.3f} | {cell['values'][1]:+.3f} |" in printed
+    warm = result["table"]["warm start"]["pass@16"]["values"]
+    assert "| pass@16 by seed | 0 | 1 |" in printed
+    assert f"| warm start | {warm[0]:.3f} | {warm[1]:.3f} |" in printed
     got = {(r["arm"], r["seed"]): r["test"] for r in result["runs"]}
     assert {(r["arm"], r["seed"]): r["policy"] for r in result["runs"]} == {
         **{("warm start", s): None for s in (0, 1)},
