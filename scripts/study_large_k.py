@@ -20,6 +20,12 @@ arm and selected rate) is reused rather than evaluated again, so a study grown b
 seeds evaluates only the new ones; runs stored before the script kept per-level numbers
 are evaluated again, unless ``--report-only`` (tables from the stored runs, evaluating
 nothing); ``--fresh`` evaluates everything again.
+
+``--every-rate`` evaluates every run of every arm's grid, not only the selected ones, and
+adds a table by rate (mean and 95% t-interval over seeds of pass@1, pass@16, pass@``N``
+and entropy, and each rate's paired difference from the warm start at pass@``N``): how
+an arm's large-k coverage moves with its learning rate, a post hoc view beside the
+validation's pick (the tables above it stay those of the selected runs).
 """
 
 from __future__ import annotations
@@ -172,6 +178,41 @@ def _stored_runs(path: Path, samples: int) -> dict[tuple[int, str, float | None]
     return {_key(r["seed"], r["arm"], r["lr"]): r for r in stored["runs"]}
 
 
+def _by_rate(
+    merged: dict[tuple[int, str, float | None], Any],
+    args: argparse.Namespace,
+    top: str,
+    metrics: list[str],
+) -> dict[str, Any]:
+    """Every rate of every arm's grid over the seeds, with its paired difference from the
+    warm start at ``top``; prints the table and returns it (keyed ``"arm lr"``)."""
+    from riskfast.demo.study import _cell, seed_tables
+
+    by = {("warm start", s): merged[_key(s, None, None)]["test"] for s in args.seeds}
+    names = []
+    for arm in args.arms:
+        for lr in args.grids[arm]:
+            names.append(f"{arm} lr {lr:g}")
+            by.update({(names[-1], s): merged[_key(s, arm, lr)]["test"] for s in args.seeds})
+    table, diffs = seed_tables(by, args.seeds, names, [(n, "warm start") for n in names], metrics)
+    shown = [m for m in ("pass@1", "pass@16", top, "entropy") if m in metrics]
+    print(
+        "\n| arm and rate | " + " | ".join(shown) + f" | {top} - warm start | seeds at or below 0 |"
+    )
+    print("| --- |" + " --- |" * (len(shown) + 2))
+    for name in names:
+        cell = diffs[f"{name} - warm start"][top]
+        cells = " | ".join(_cell(table[name][m], False) for m in shown)
+        print(
+            f"| {name} | {cells} | {_cell(cell, True)} | "
+            f"{cell['at_or_below_zero']} of {len(args.seeds)} |"
+        )
+    return {
+        name: {**table[name], f"{top} - warm start": diffs[f"{name} - warm start"][top]}
+        for name in names
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -197,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         help="retrain the selected runs even where the study stored their policies "
         "(a check that the runs reproduce on this machine)",
     )
+    own.add_argument(
+        "--every-rate",
+        action="store_true",
+        help="evaluate every rate of every arm's grid, not only the selected ones, and "
+        "print a table by rate",
+    )
     opts = own.parse_args(argv[:cut])
     study_argv = argv[cut + 1 :]
     if opts.samples < 1 or opts.jobs < 1:
@@ -218,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms
         for seed in args.seeds
     ]
+    if opts.every_rate:  # the other rates of each grid, after the selected ones
+        tasks += [
+            (study_argv, seed, arm, lr, opts.samples, opts.retrain)
+            for arm in args.arms
+            for seed in args.seeds
+            for lr in args.grids[arm]
+            if lr != summary["selected"][arm][str(seed)]["lr"]
+        ]
     path = args.out / "large_k.json"
     previous = _stored_runs(path, opts.samples)
     stored = {} if opts.fresh else previous
@@ -252,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         ) as pool:
             for future in as_completed([pool.submit(_one, t) for t in todo]):
                 keep(future.result())
-    rows = [merged[_key(t[1], t[2], t[3])] for t in tasks]
+    rows = [merged[_key(t[1], t[2], t[3])] for t in tasks[: len(args.seeds) * (1 + len(args.arms))]]
     from riskfast.demo.study import _cell, seed_tables
 
     metrics = list(rows[0]["test"])
@@ -302,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, row in [*ptable.items(), *pdiffs.items()]:
                 cells = " | ".join(_cell(row[m], " - " in name) for m in shown)
                 print(f"| {level} | {name} | {cells} |")
+    if opts.every_rate:
+        result["by_rate"] = _by_rate(merged, args, top, metrics)
     (args.out / "large_k.json").write_text(json.dumps(result, indent=2))
     return 0
 

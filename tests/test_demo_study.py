@@ -430,6 +430,55 @@ def test_large_k_script_reproduces_the_study_from_stored_or_retrained_policies(
         script.main(["--fresh", "--report-only", *argv8])
 
 
+def test_large_k_every_rate_tables_each_rate_of_each_grid(
+    tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--every-rate``: every run of every grid evaluated (the study's own numbers at 16
+    samples), a table by rate over the seeds with each rate's paired difference from the
+    warm start; the tables of the selected runs unchanged."""
+    out, summary = tiny_study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    script = _large_k_script()
+    argv = ["--samples", "16", "--", *STUDY_ARGV[1:], "--out", str(copy)]
+    assert script.main(argv) == 0
+    selected_only = json.loads((copy / "large_k.json").read_text())
+    capsys.readouterr()
+    assert script.main(["--every-rate", *argv]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((copy / "large_k.json").read_text())
+    assert result["table"] == selected_only["table"]
+    assert result["differences"] == selected_only["differences"]
+    grids = summary["grids"]
+    assert set(result["by_rate"]) == {f"{a} lr {lr:g}" for a, rates in grids.items() for lr in rates}
+    assert sum(len(rates) for rates in grids.values()) > len(grids)  # some grid has 2 rates
+    # each rate's values: the study's own test numbers of that run, seed by seed (16
+    # samples on the study's evaluation seed), and its difference from the warm start
+    warm = {int(s): w["test"] for s, w in summary["warm_start"].items()}
+    for arm, rates in grids.items():
+        for lr in rates:
+            row = result["by_rate"][f"{arm} lr {lr:g}"]
+            runs = {r["seed"]: r["test"] for r in summary["runs"] if r["arm"] == arm and r["lr"] == lr}
+            for metric in ("pass@1", "pass@16", "entropy"):
+                assert row[metric]["values"] == [runs[s][metric] for s in (0, 1)], (arm, lr)
+            gap = row["pass@16 - warm start"]
+            assert gap["values"] == [runs[s]["pass@16"] - warm[s]["pass@16"] for s in (0, 1)]
+            assert gap["at_or_below_zero"] == sum(v <= 0 for v in gap["values"])
+            assert f"| {arm} lr {lr:g} | {row['pass@1']['mean']:.3f} [" in printed
+            assert f"| {gap['at_or_below_zero']} of 2 |" in printed
+    # a selected rate's row is the arm's row of the main table
+    for arm, per_seed in summary["selected"].items():
+        if len({v["lr"] for v in per_seed.values()}) == 1:
+            lr = per_seed["0"]["lr"]
+            assert result["by_rate"][f"{arm} lr {lr:g}"]["pass@16"] == result["table"][arm]["pass@16"]
+    # --report-only with --every-rate names the rates never evaluated
+    (copy / "large_k.json").write_text(json.dumps(selected_only))
+    unselected = [(a, lr) for a, rates in grids.items() for lr in rates
+                  if lr != summary["selected"][a]["0"]["lr"]]
+    with pytest.raises(SystemExit, match=f"seed 0 {unselected[0][0]}"):
+        script.main(["--report-only", "--every-rate", *argv])
+
+
 def test_study_in_parallel_equals_the_study_in_one_process(
     tiny_study: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
