@@ -18,7 +18,10 @@ The convention, for every block whoever writes it:
 * A failure is reported at the README's own line numbers (the block is compiled as
   ``README.md`` with its lines in place), and the test id is ``README.md:<line>``.
 
-Blocks in other languages (bash, text) are not run.
+Blocks in other languages (bash, text) are not run. Every ``riskfast`` command of a bash
+block is parsed and validated as the command line would (``riskfast demo`` and
+``riskfast study`` through their option checks), without training anything, so a
+renamed or removed flag in a README command fails the suite.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 ASSUMES = re.compile(r"^\s*#\s*assumes:\s*(.+)$")
 
 
-def python_blocks(text: str) -> list[tuple[int, str]]:
-    """``(first code line, code)`` of every ```python block (line numbers from 1)."""
+def python_blocks(text: str, language: str = "python") -> list[tuple[int, str]]:
+    """``(first code line, code)`` of every ```python block (line numbers from 1), or of
+    every block in ``language``."""
     blocks: list[tuple[int, str]] = []
     lines = text.splitlines()
     inside: str | None = None
@@ -49,7 +53,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
             if match:
                 inside, start, body = match.group(1), number + 1, []
         elif line.strip() == "```":
-            if inside == "python":
+            if inside == language:
                 blocks.append((start, "\n".join(body) + "\n"))
             inside = None
         else:
@@ -170,3 +174,56 @@ def test_readme_python_block_runs(
             f"{type(err).__name__}: {err}"
         ) from err
     assert os.getcwd() == str(tmp_path)
+
+
+def riskfast_commands(text: str) -> list[tuple[int, list[str]]]:
+    """``(line, argv after "riskfast")`` of every ``riskfast`` command in the bash blocks:
+    continuation lines joined, ``&&``-chains split, comments dropped."""
+    import shlex
+
+    commands: list[tuple[int, list[str]]] = []
+    for start, code in python_blocks(text, "bash"):
+        lines = code.splitlines()
+        number = 0
+        while number < len(lines):
+            first, joined = start + number, lines[number]
+            while joined.endswith("\\") and number + 1 < len(lines):
+                number += 1
+                joined = joined[:-1] + " " + lines[number]
+            number += 1
+            for part in joined.split("&&"):
+                words = shlex.split(part, comments=True)
+                if words and words[0].endswith("bin/riskfast"):
+                    commands.append((first, words[1:]))
+    return commands
+
+
+README_COMMANDS = riskfast_commands(README.read_text())
+
+
+def test_readme_riskfast_commands_are_found() -> None:
+    text = "```bash\nbash x.sh && .venv/bin/riskfast demo --quick\n.venv/bin/riskfast study \\\n  --seeds 0 1 # c\n```\n"
+    assert riskfast_commands(text) == [(2, ["demo", "--quick"]), (3, ["study", "--seeds", "0", "1"])]
+    names = [argv[0] for _, argv in README_COMMANDS]
+    assert names.count("demo") >= 1 and names.count("study") >= 2
+
+
+@pytest.mark.parametrize(
+    ("line", "argv"), README_COMMANDS, ids=[f"README.md:{line}" for line, _ in README_COMMANDS]
+)
+def test_readme_riskfast_command_parses_and_validates(line: int, argv: list[str]) -> None:
+    from riskfast.cli import build_parser
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as err:
+        raise AssertionError(f"README.md:{line}: riskfast {' '.join(argv)} does not parse") from err
+    if args.command == "study":
+        from riskfast.demo.study import _resolve
+
+        resolved = _resolve(args)
+        assert resolved.seeds == args.seeds and set(resolved.grids) == set(args.arms)
+    elif args.command == "demo" and getattr(args, "demo", None) is None:
+        from riskfast.demo.train import _resolve
+
+        assert _resolve(args).options
