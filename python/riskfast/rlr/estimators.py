@@ -52,12 +52,18 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .._checks import require_floating, require_tensor
+from .._checks import (
+    require_choice,
+    require_floating,
+    require_int,
+    require_number,
+    require_tensor,
+)
 from ..ops.noise import _resolve_backend as resolve_noise_backend
 from ..ops.noise import accumulate_noise_, perturb_
 from ..ops.transition import TransitionCoefficients, transition_log_prob, transition_mean
 from ..ops.transition import _resolve_backend as resolve_transition_backend
-from .config import RLRConfig
+from .config import WINDOW_STARTS, RLRConfig
 from .sampler import (
     Conditioning,
     GuidedDenoiser,
@@ -99,6 +105,8 @@ def register_estimator(
         raise TypeError("antithetic: expected a bool or a function of the config")
 
     def decorator(fn: Callable[[EstimationRun], None]) -> Callable[[EstimationRun], None]:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable estimator, got {type(fn).__name__}")
         _ESTIMATORS[name] = fn
         _ANTITHETIC[name] = antithetic if callable(antithetic) else (lambda _c: antithetic)
         return fn
@@ -147,17 +155,39 @@ def _check_sync(sync: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _check_chain_split(num_steps: Any, fo_steps: Any, window: Any) -> tuple[int, int, int]:
+    """``T >= 1``, ``K >= 0``, ``h >= 1`` as ints (the window's fit is checked by the caller)."""
+    return (
+        require_int("num_steps", num_steps, low=1),
+        require_int("fo_steps", fo_steps, low=0),
+        require_int("window", window, low=1),
+    )
+
+
 def window_starts(num_steps: int, fo_steps: int, window: int, window_start: Any) -> range:
     """The window starts ``j`` a call may draw: ``{K+1 .. T-h+1}``, or ``{a .. b}``."""
+    num_steps, fo_steps, window = _check_chain_split(num_steps, fo_steps, window)
     low, high = fo_steps + 1, num_steps - window + 1
-    if isinstance(window_start, tuple):
-        a, b = window_start
+    if low > high:
+        raise ValueError(
+            f"window: fo_steps ({fo_steps}) + window ({window}) exceeds the chain's "
+            f"{num_steps} steps"
+        )
+    if isinstance(window_start, str):
+        require_choice("window_start", window_start, WINDOW_STARTS)
+    elif isinstance(window_start, (tuple, list)) and len(window_start) == 2:
+        a = require_int("window_start[0]", window_start[0], low=1)
+        b = require_int("window_start[1]", window_start[1], low=a)
         if a < low or b > high:
             raise ValueError(
                 f"window_start: ({a}, {b}) must lie within [{low}, {high}] "
                 f"(fo_steps={fo_steps}, window={window}, {num_steps} steps)"
             )
         low, high = a, b
+    else:
+        raise TypeError(
+            f"window_start: expected 'uniform', 'grad_norm' or a pair (a, b), got {window_start!r}"
+        )
     return range(low, high + 1)
 
 
@@ -167,6 +197,8 @@ def step_roles(num_steps: int, fo_steps: int, window: int, start: int) -> list[s
     FO covers ``1..K``, the window ``j..j+h-1``, the rest every other step; together
     they cover each step exactly once (spec, "three kinds of step").
     """
+    num_steps, fo_steps, window = _check_chain_split(num_steps, fo_steps, window)
+    start = require_int("start", start)
     if not fo_steps + 1 <= start <= num_steps - window + 1:
         raise ValueError(
             f"start: the window {{{start}..{start + window - 1}}} does not fit after "
@@ -201,6 +233,9 @@ class RLRState:
         self.window_grad_norm: dict[int, float] = {}
 
     def probabilities(self, starts: Sequence[int], temperature: float) -> torch.Tensor:
+        if isinstance(starts, (str, bytes)) or not isinstance(starts, Sequence) or not starts:
+            raise ValueError("starts: expected a non-empty sequence of window starts")
+        temperature = require_number("temperature", temperature, low=0.0, low_open=True)
         if not self.window_grad_norm:
             return torch.full((len(starts),), 1.0 / len(starts), dtype=torch.float64)
         top = max(self.window_grad_norm.values())
@@ -211,6 +246,14 @@ class RLRState:
         return torch.softmax(values / scale / temperature, dim=0)
 
     def update(self, start: int, norm: float, momentum: float) -> None:
+        """Fold the window term's ``norm`` at ``start`` into its running mean (a
+        non-finite ``norm`` is skipped)."""
+        start = require_int("start", start, low=1)
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)):
+            raise TypeError(f"norm: expected a real number, got {type(norm).__name__}")
+        if norm < 0:
+            raise ValueError(f"norm: must be >= 0, got {norm}")
+        momentum = require_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         if not math.isfinite(norm):
             return
         old = self.window_grad_norm.get(start)

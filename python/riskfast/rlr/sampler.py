@@ -35,6 +35,7 @@ from .._checks import (
     require_bool,
     require_choice,
     require_floating,
+    require_int,
     require_number,
     require_same_device,
     require_same_shape,
@@ -347,6 +348,8 @@ class PromptSchedule:
 
     def stage_of(self, position: int, num_steps: int) -> int:
         """Stage index of position ``position`` (0 = the first step, from ``x_T``)."""
+        num_steps = require_int("num_steps", num_steps, low=1)
+        position = require_int("position", position, low=0, high=num_steps - 1)
         fraction = position / num_steps
         return sum(1 for b in self.boundaries if fraction >= b)
 
@@ -359,6 +362,7 @@ class PromptSchedule:
         Handy for ``RLRConfig(window_start=(a, b))``: focus learning on one stage.
         Stages with no step get ``(0, -1)``.
         """
+        num_steps = require_int("num_steps", num_steps, low=1)
         spans: list[list[int]] = [[] for _ in self.stages]
         for position in range(num_steps):
             spans[self.stage_of(position, num_steps)].append(num_steps - position)
@@ -388,6 +392,16 @@ def call_denoiser(
     first entry is the output) and plain tensors; the output must have the shape of
     ``sample``.
     """
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable, got {type(denoiser).__name__}")
+    sample = require_tensor("sample", sample)
+    if sample.dim() < 1:
+        raise ValueError(f"sample: expected shape [B, ...], got {tuple(sample.shape)}")
+    timestep = require_int("timestep", timestep, low=0)
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"kwargs: expected a mapping of denoiser keyword arguments, got {type(kwargs).__name__}"
+        )
     t = torch.full((sample.shape[0],), timestep, dtype=torch.long, device=sample.device)
     out = denoiser(sample, t, **kwargs)
     if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
@@ -443,6 +457,12 @@ class GuidedDenoiser:
     ) -> None:
         if not callable(denoiser):
             raise TypeError(f"denoiser: expected a callable, got {type(denoiser).__name__}")
+        if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Sequence):
+            raise TypeError(
+                f"timesteps: expected a sequence of ints, got {type(timesteps).__name__}"
+            )
+        base_batch = require_int("base_batch", base_batch, low=1)
+        repeats = require_int("repeats", repeats, low=1)
         _check_conditioning("cond", cond)
         _check_conditioning("uncond", uncond)
         guidance_scale = require_number("guidance_scale", guidance_scale)

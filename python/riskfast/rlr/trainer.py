@@ -50,7 +50,16 @@ from typing import Any
 
 import torch
 
-from .._checks import require_bool, require_choice, require_int, require_number
+from .._checks import (
+    require_bool,
+    require_choice,
+    require_finite,
+    require_int,
+    require_ndim,
+    require_number,
+    require_real,
+    require_tensor,
+)
 from ..ops.transition import transition_log_prob
 from .config import RLRConfig
 from .estimators import RLRState, estimate_grad, window_starts
@@ -251,6 +260,8 @@ class DCoT:
 
     def window_range(self, num_steps: int, fo_steps: int, window: int) -> tuple[int, int]:
         """``(a, b)``: window starts within the window stage (and the allowed range)."""
+        if self.window_stage is None:
+            raise ValueError("window_stage: is None, so there is no window range to give")
         schedule = PromptSchedule([{} for _ in self.stages], self.boundaries)
         low, high = schedule.stage_steps(num_steps)[self.window_stage]
         if low > high:
@@ -281,9 +292,21 @@ class PerPromptStatTracker:
         self.buffers: dict[Any, deque] = {}
 
     def update(self, keys: Sequence[Any], rewards: torch.Tensor) -> torch.Tensor:
+        """Push ``rewards[N]`` (finite) under their prompt ``keys`` (``N`` hashables) and
+        return the advantages; on bad input raises before any buffer changes."""
+        rewards = require_tensor("rewards", rewards)
+        require_real("rewards", rewards)
+        require_ndim("rewards", rewards, 1, "[N]")
+        require_finite("rewards", rewards)
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+            raise TypeError(f"keys: expected a sequence of prompt keys, got {type(keys).__name__}")
         rewards = rewards.detach().double().cpu()
         if len(keys) != rewards.shape[0]:
             raise ValueError(f"keys: expected {rewards.shape[0]} keys, got {len(keys)}")
+        try:
+            dict.fromkeys(keys)
+        except TypeError as err:
+            raise TypeError(f"keys: every key must be hashable ({err})") from None
         advantages = torch.empty_like(rewards)
         batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
         for key in dict.fromkeys(keys):
