@@ -479,6 +479,30 @@ def test_selective_rejects_bad_arguments_naming_them() -> None:
         selective_logprobs(logits.double(), targets, backend="triton")
 
 
+def test_temperature_has_a_floor_below_which_logits_would_overflow() -> None:
+    """Below ``MIN_TEMPERATURE`` the scaled logits of ordinary (finite) inputs can pass
+    the float32 range and the log-probs turn NaN: refused, naming ``temperature``. At
+    the floor, logits far beyond any model's still give finite log-probs."""
+    from riskfast.ops.logprobs import MIN_TEMPERATURE
+
+    logits = torch.tensor([[10.0, -3.0, 2.5e34, 7.0], [1.0, 1.0, -2.0, 0.5]])
+    targets = torch.tensor([0, 3])
+    hidden, weight = torch.eye(4)[:2] * 3.0, torch.randn(5, 4)
+    for tiny in (1e-40, 1e-30, MIN_TEMPERATURE / 2):
+        with pytest.raises(ValueError, match="^temperature: must be >= 0.0001"):
+            selective_logprobs(logits, targets, temperature=tiny)
+        with pytest.raises(ValueError, match="^temperature"):
+            fused_linear_logprobs(hidden, weight, targets[:2] % 5, temperature=tiny)
+    # (before the floor, 1e-40 turned these finite logits into NaN log-probs)
+    assert torch.isnan(torch.log_softmax(logits / 1e-40, dim=-1)).any()
+    got = selective_logprobs(logits, targets, temperature=MIN_TEMPERATURE)
+    assert torch.isfinite(got).all()
+    want = torch.log_softmax(logits.double() / MIN_TEMPERATURE, dim=-1)
+    assert torch.allclose(got.double(), want.gather(1, targets[:, None])[:, 0], rtol=1e-5)
+    fused = fused_linear_logprobs(hidden, weight, targets[:2] % 5, temperature=MIN_TEMPERATURE)
+    assert torch.isfinite(fused).all()
+
+
 def test_fused_rejects_bad_arguments_naming_them() -> None:
     hidden, weight = torch.randn(3, 8), torch.randn(11, 8)
     targets = torch.tensor([0, 5, 10])

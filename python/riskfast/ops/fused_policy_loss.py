@@ -578,7 +578,7 @@ def fused_linear_policy_loss(
         bias: ``[V]`` or None (a ``-inf`` entry masks that vocabulary entry).
         ref_logp, ratio_level, eps_low, eps_high, dual_clip, beta_kl, entropy_coef, agg,
             max_len, num_items, token_weights: as in :func:`~riskfast.riskpo.policy_loss`.
-        temperature: ``> 0``, divides the logits.
+        temperature: ``>= 1e-4``, divides the logits.
         compute_entropy: also report the mean entropy (``metrics["entropy"]``); implied
             by ``entropy_coef != 0``. Costs one more pass over each chunk's logits.
         return_logp: also return the ``[N, T]`` log-probs (detached; 0 off the response).

@@ -136,8 +136,21 @@ def _check_output_layer(hidden: Any, weight: Any, bias: Any, hidden_shape: str) 
         require_same_device("bias", bias, "hidden", hidden)
     return hidden, weight, bias
 
+
+MIN_TEMPERATURE = 1e-4
+"""The smallest temperature the ops take: below it, ``1 / temperature`` can carry ordinary
+logits past the float32 range, and the log-probs to NaN (logits up to about 3e34 in
+magnitude stay finite at this bound)."""
+
+
 def _check_temperature(temperature: Any) -> float:
-    return require_number("temperature", temperature, low=0.0, low_open=True)
+    value = require_number("temperature", temperature, low=0.0, low_open=True)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature: must be >= {MIN_TEMPERATURE:g} (1/temperature would take the "
+            f"logits past the float32 range and the log-probs to NaN), got {value!r}"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -449,7 +462,7 @@ def selective_logprobs(
         logits: ``[N, V]`` bf16, fp16, fp32 (or float64, torch backends only); any strides.
             ``-inf`` entries are masked (probability 0, no gradient; module doc).
         targets: ``[N]`` integer token ids in ``[0, V)``, on the device of ``logits``.
-        temperature: ``> 0``; the logits are divided by it.
+        temperature: ``>= 1e-4`` (``MIN_TEMPERATURE``); the logits are divided by it.
         return_entropy: also return ``entropy[N] = -sum_j p_j log p_j``.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (module doc).
 
@@ -504,7 +517,7 @@ def fused_linear_logprobs(
         targets: ``[N]`` integer token ids in ``[0, V)``.
         bias: ``[V]`` or ``None``, same dtype and device; a ``-inf`` entry masks that
             vocabulary entry (probability 0, no gradient; module doc).
-        temperature: ``> 0``.
+        temperature: ``>= 1e-4`` (``MIN_TEMPERATURE``).
         return_entropy: also return the per-token entropy (differentiable).
         chunk_size: tokens per chunk, ``>= 1``; default: a buffer of about 64 MiB (torch)
             or 1 GiB (Triton backward).
