@@ -241,6 +241,118 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, _trainable(other)))
 
 
+def _trainer_state(trainer: RLRTrainer) -> dict:
+    optimizer = trainer.optimizer.state_dict()
+    return {
+        "weights": _trainable(trainer),
+        "optimizer": [
+            (k, {n: v.clone() if torch.is_tensor(v) else v for n, v in entry.items()})
+            for k, entry in sorted(optimizer["state"].items())
+        ],
+        "generator": trainer.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "rlr_state": trainer.rlr_state.state_dict(),
+        "stat_tracker": trainer.stat_tracker.state_dict(),
+        "step": trainer.step,
+        "model_evaluations": trainer.model_evaluations,
+    }
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    def equal(x, y):
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and torch.equal(x, y)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(equal(u, v) for u, v in zip(x, y))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        return x == y
+
+    return equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        "missing_key",
+        "stat_tracker_nan",
+        "stat_tracker_shape",
+        "rlr_state",
+        "optimizer_groups",
+        "generator",
+        "step",
+        "last_weight_shape",
+    ],
+)
+def test_a_refused_checkpoint_changes_nothing(tmp_path, corrupt):
+    """Every part of a checkpoint is checked before any is restored: a corrupt one is
+    refused with a ValueError naming ``directory``, and the trainer's weights, optimizer
+    moments, generator, global RNG, RLR and tracker states and counters stay as they were
+    (before, a bad tracker or RLR state was found after the weights, optimizer and RNG
+    streams had been overwritten)."""
+    from safetensors.torch import load_file, save_file
+
+    config = _config(
+        rlr=RLRConfig(rest="zo", window=2, sigma_p=1e-2, window_start="grad_norm"),
+        output_dir=str(tmp_path / "run"),
+    )
+    source = _trainer(config)
+    for _ in range(2):
+        source.training_step()
+    path = source.save_checkpoint()
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    if corrupt == "missing_key":
+        del state["stat_tracker"]
+    elif corrupt == "stat_tracker_nan":
+        state["stat_tracker"] = {"buffers": [("a prompt", [0.5, float("nan")])]}
+    elif corrupt == "stat_tracker_shape":
+        state["stat_tracker"] = {"buffers": [("a prompt",)]}
+    elif corrupt == "rlr_state":
+        state["rlr_state"] = {"window_grad_norm": {0: 1.0}}
+    elif corrupt == "optimizer_groups":
+        state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"] * 2
+    elif corrupt == "generator":
+        state["generator"] = torch.zeros(3, dtype=torch.uint8)
+    elif corrupt == "step":
+        state["step"] = -1
+    torch.save(state, path / "trainer_state.pt")
+    if corrupt == "last_weight_shape":
+        weights = load_file(str(path / "unet_trainable.safetensors"))
+        last = str(len(weights) - 1)
+        weights[last] = torch.zeros(weights[last].numel() + 1)
+        save_file(weights, str(path / "unet_trainable.safetensors"))
+    target = _trainer(config)
+    target.training_step()  # a trainer with its own history, which must survive
+    before = _trainer_state(target)
+    assert before["step"] == 1 and before["optimizer"]
+    with pytest.raises(ValueError, match="^directory: "):
+        target.load_checkpoint(path)
+    assert _same_state(before, _trainer_state(target))
+
+
+def test_stat_tracker_load_state_dict_checks_before_replacing():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
+    tracker.update(["a", "b", "a"], torch.tensor([1.0, 0.0, 3.0]))
+    saved = tracker.state_dict()
+    for bad, error in (
+        ([], TypeError),
+        ({"buffers": [("a", [1.0]), ("a", [2.0])]}, ValueError),
+        ({"buffers": [(["unhashable"], [1.0])]}, TypeError),
+        ({"buffers": [("a", [1.0, float("inf")])]}, ValueError),
+        ({"buffers": [("a", [True])]}, ValueError),
+        ({"buffers": [("a", 1.0)]}, ValueError),
+    ):
+        with pytest.raises(error, match="^state"):
+            tracker.load_state_dict(bad)
+        assert tracker.state_dict() == saved
+    fresh = PerPromptStatTracker(buffer_size=4, min_count=2)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == saved == {"buffers": [("a", [1.0, 3.0]), ("b", [0.0])]}
+    short = PerPromptStatTracker(buffer_size=1, min_count=1)
+    short.load_state_dict(saved)  # a smaller buffer keeps the newest rewards
+    assert short.state_dict() == {"buffers": [("a", [3.0]), ("b", [0.0])]}
+
+
 def test_saved_adapters_load_into_a_fresh_pipeline_and_give_the_same_samples(tmp_path):
     trainer = _trainer(_config(max_steps=2))
     trainer.train()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections import deque
@@ -325,7 +326,28 @@ class PerPromptStatTracker:
         return {"buffers": [(k, list(v)) for k, v in self.buffers.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"]}
+        """Restore :meth:`state_dict`'s output; checks all of it before replacing anything
+        (``ValueError``/``TypeError`` naming ``state``)."""
+        if not isinstance(state, dict) or not isinstance(state.get("buffers"), (list, tuple)):
+            raise TypeError("state: expected {'buffers': [(key, [reward, ...]), ...]}")
+        buffers: dict[Any, deque] = {}
+        for entry in state["buffers"]:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise TypeError(f"state: buffer entry {entry!r} is not a (key, rewards) pair")
+            key, values = entry
+            try:
+                duplicate = key in buffers
+            except TypeError:
+                raise TypeError(f"state: key {key!r} is not hashable") from None
+            if duplicate:
+                raise ValueError(f"state: key {key!r} appears twice")
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            ):
+                raise ValueError(f"state: the rewards of key {key!r} are not finite numbers")
+            buffers[key] = deque((float(v) for v in values), maxlen=self.buffer_size)
+        self.buffers = buffers
 
 
 class _AccelerateSync:
@@ -1188,6 +1210,11 @@ class RLRTrainer:
         if not state_path.is_file() or not weights_path.is_file():
             raise ValueError(f"directory: {directory} is not a checkpoint of RLRTrainer")
         state = torch.load(state_path, weights_only=False)
+        missing = (
+            sorted(set(self.state_dict()) - set(state)) if isinstance(state, dict) else ["all"]
+        )
+        if missing:
+            raise ValueError(f"directory: {state_path.name} lacks {missing}")
         if state["config"] != self.config.to_dict():
             differ = sorted(
                 k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k)
@@ -1198,14 +1225,38 @@ class RLRTrainer:
                 f"directory: saved by {state['world_size']} processes, resumed by {self.world_size}"
             )
         weights = load_file(str(weights_path))
-        if len(weights) != len(self.trainable_parameters):
+        # Everything is checked before anything is restored: a refused checkpoint leaves
+        # the weights, optimizer, generators, RNG streams and states as they were.
+        if sorted(weights) != sorted(str(i) for i in range(len(self.trainable_parameters))):
             raise ValueError("directory: its weights do not match the trainable tensors")
+        for i, p in enumerate(self.trainable_parameters):
+            if weights[str(i)].shape != p.shape:
+                raise ValueError(f"directory: tensor {i} has shape {tuple(weights[str(i)].shape)}")
+        saved_groups = (
+            state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        )
+        if not isinstance(saved_groups, list) or [
+            len(g.get("params", ())) for g in saved_groups
+        ] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ValueError("directory: its optimizer state does not match this optimizer")
+        for name, device in (("generator", self.generator.device), ("torch_rng", "cpu")):
+            try:
+                torch.Generator(device=device).set_state(state[name])
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"directory: its {name} state is not a {device} generator's ({err})"
+                ) from None
+        for name in ("step", "model_evaluations"):
+            if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
+                raise ValueError(f"directory: its {name} {state[name]!r} is not an int >= 0")
+        for name, target in (("rlr_state", self.rlr_state), ("stat_tracker", self.stat_tracker)):
+            try:
+                copy.deepcopy(target).load_state_dict(state[name])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"directory: its {name} is refused ({err})") from None
         with torch.no_grad():
             for i, p in enumerate(self.trainable_parameters):
-                saved = weights[str(i)]
-                if saved.shape != p.shape:
-                    raise ValueError(f"directory: tensor {i} has shape {tuple(saved.shape)}")
-                p.copy_(saved.to(p.device, p.dtype))
+                p.copy_(weights[str(i)].to(p.device, p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -1213,8 +1264,8 @@ class RLRTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.rlr_state.load_state_dict(state["rlr_state"])
         self.stat_tracker.load_state_dict(state["stat_tracker"])
-        self.step = int(state["step"])
-        self.model_evaluations = int(state["model_evaluations"])
+        self.step = state["step"]
+        self.model_evaluations = state["model_evaluations"]
 
 
 def _pool_length(pool: Any) -> int:
