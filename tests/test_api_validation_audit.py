@@ -203,3 +203,51 @@ def test_dcot_window_range_names_its_arguments():
     with pytest.raises(TypeError, match="^num_steps"):
         rlr.DCoT([["a"], ["b"]], window_stage=1).window_range(10.0, 1, 1)
     assert rlr.DCoT([["a"], ["b"]], window_stage=1).window_range(10, 1, 1) == (2, 5)
+
+
+# --------------------------------------------------------------------------------------
+# Configs store the float they validated: a 1-element tensor or an int becomes a float
+# --------------------------------------------------------------------------------------
+
+
+def test_configs_store_their_numbers_as_floats() -> None:
+    """``require_number`` accepts a 1-element tensor or an int; the configs keep the
+    float it returns, so that equal settings compare and serialise equal (a resumed
+    trainer compares ``to_dict()`` with the saved one)."""
+    from riskfast.riskpo.objective import AdvantageOptions
+
+    given = rlr.RLRConfig(eta=torch.tensor(0.5), sigma_p=1, window_temperature=torch.tensor([2.0]))
+    plain = rlr.RLRConfig(eta=0.5, sigma_p=1.0, window_temperature=2.0)
+    assert given == plain and given.to_dict() == plain.to_dict()
+    assert all(type(getattr(given, n)) is float for n in ("eta", "sigma_p", "window_temperature"))
+    trainer = rlr.TrainerConfig(rlr=given, learning_rate=torch.tensor(0.25), weight_decay=0)
+    assert type(trainer.learning_rate) is float and trainer.learning_rate == 0.25
+    assert type(trainer.weight_decay) is float
+    assert trainer == rlr.TrainerConfig(rlr=plain, learning_rate=0.25, weight_decay=0.0)
+    options = AdvantageOptions(alpha=torch.tensor(0.25), beta=1, omega=torch.tensor(2.0))
+    assert options == AdvantageOptions(alpha=0.25, beta=1.0, omega=2.0)
+    assert hash(options) == hash(AdvantageOptions(alpha=0.25, beta=1.0, omega=2.0))
+    assert all(type(getattr(options, n)) is float for n in ("alpha", "beta", "omega", "w_mix"))
+    # a rejected value still names its field
+    with pytest.raises(ValueError, match="^eta"):
+        rlr.RLRConfig(eta=torch.tensor(1.5))
+    with pytest.raises(TypeError, match="^learning_rate"):
+        rlr.TrainerConfig(rlr=plain, learning_rate=torch.ones(2))
+
+
+def test_trl_config_stores_its_numbers_as_floats(tmp_path) -> None:
+    pytest.importorskip(
+        "trl", reason="RiskPOConfig extends TRL's GRPOConfig: pip install 'riskfast[trl]'"
+    )
+    from riskfast.integrations.trl import RiskPOConfig
+
+    config = RiskPOConfig(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        tracker_gamma=torch.tensor(0.5),
+        dual_clip=3,
+    )
+    assert type(config.tracker_gamma) is float and config.tracker_gamma == 0.5
+    assert type(config.dual_clip) is float and config.dual_clip == 3.0

@@ -162,6 +162,13 @@ def require_number(
     return value
 
 
+def set_number(obj: Any, name: str, **bounds: Any) -> None:
+    """:func:`require_number` on ``obj.<name>``, stored back as the float it returns (a
+    config given ``torch.tensor(0.5)`` or ``1`` keeps ``0.5`` or ``1.0``); works on frozen
+    dataclasses."""
+    object.__setattr__(obj, name, require_number(name, getattr(obj, name), **bounds))
+
+
 def require_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """Check a Python ``int`` (not a bool) in ``[low, high]``; pass ``high=INT64_MAX`` for
     anything that becomes a tensor size or index, so that a huge value is named here

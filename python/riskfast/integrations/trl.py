@@ -149,7 +149,7 @@ TRL_VERSION = _check_trl_version()
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from .._checks import UINT64_MAX, require_bool, require_int, require_number
+from .._checks import UINT64_MAX, require_bool, require_int, set_number
 from ..riskpo import AdvantageOptions, AdvantageResult, QuantileTracker, compute_advantages
 from ..riskpo.loss import RATIO_LEVELS, policy_loss
 from ..riskpo.module import checked_run_state, run_state, state_options
@@ -291,8 +291,8 @@ class RiskPOConfig(GRPOConfig):
                 f"ratio_level: must be one of {RATIO_LEVELS}, got {self.ratio_level!r}"
             )
         if self.dual_clip is not None:
-            require_number("dual_clip", self.dual_clip, low=1.0, low_open=True)
-        require_number("tracker_gamma", self.tracker_gamma, low=0.0, low_open=True)
+            set_number(self, "dual_clip", low=1.0, low_open=True)
+        set_number(self, "tracker_gamma", low=0.0, low_open=True)
         if self.bundle_seed is not None:
             require_int("bundle_seed", self.bundle_seed, low=0, high=UINT64_MAX)
         require_bool("use_fused_logprobs", self.use_fused_logprobs)

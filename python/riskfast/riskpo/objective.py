@@ -22,9 +22,9 @@ from .._checks import (
     require_int,
     require_integer,
     require_ndim,
-    require_number,
     require_real,
     require_same_device,
+    set_number,
 )
 from ..ops._kernels import require_triton, triton_available
 from ..ops.bundle_advantages import (
@@ -89,15 +89,16 @@ class AdvantageOptions:
     def __post_init__(self) -> None:
         require_choice("estimator", self.estimator, estimator_names())
         require_int("bundle_size", self.bundle_size, low=1, high=INT64_MAX)
-        alpha = require_number("alpha", self.alpha, low=0.0, high=1.0)
-        beta = require_number("beta", self.beta, low=0.0, high=1.0)
+        set_number(self, "alpha", low=0.0, high=1.0)
+        set_number(self, "beta", low=0.0, high=1.0)
+        alpha, beta = self.alpha, self.beta
         if alpha >= beta:
             raise ValueError(f"alpha: must be smaller than beta ({beta}), got {alpha}")
-        require_number("omega", self.omega, low=-1.0, low_open=True)
+        set_number(self, "omega", low=-1.0, low_open=True)
         require_choice("form", self.form, FORMS)
-        require_number("w_mix", self.w_mix, low=0.0)
+        set_number(self, "w_mix", low=0.0)
         require_bool("natural_baseline", self.natural_baseline)
-        require_number("w_upper", self.w_upper, low=0.0)
+        set_number(self, "w_upper", low=0.0)
         for name in ("normalize", "center", "shuffle", "drop_last"):
             require_bool(name, getattr(self, name))
         require_choice("credit", self.credit, CREDITS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._checks import require_bool, require_choice, require_int, require_number
+from .._checks import require_bool, require_choice, require_int, set_number
 
 __all__ = ["BASELINES", "RESTS", "WINDOW_STARTS", "ZO_RESTORES", "RLRConfig"]
 
@@ -103,12 +103,12 @@ class RLRConfig:
             raise TypeError(
                 f"window_start: expected 'uniform', 'grad_norm' or a pair (a, b), got {start!r}"
             )
-        require_number("sigma_p", self.sigma_p, low=0.0, low_open=True)
-        require_number("eta", self.eta, low=0.0, high=1.0)
+        set_number(self, "sigma_p", low=0.0, low_open=True)
+        set_number(self, "eta", low=0.0, high=1.0)
         if self.exit_eta is not None:
-            require_number("exit_eta", self.exit_eta, low=0.0, high=1.0, low_open=True)
+            set_number(self, "exit_eta", low=0.0, high=1.0, low_open=True)
         require_choice("baseline", self.baseline, BASELINES)
-        require_number("guidance_scale", self.guidance_scale)
+        set_number(self, "guidance_scale")
         require_bool("checkpoint", self.checkpoint)
         require_choice("zo_restore", self.zo_restore, ZO_RESTORES)
         if self.alignprop_steps is not None:
@@ -120,11 +120,9 @@ class RLRConfig:
             if high < low:
                 raise ValueError(f"alignprop_steps: expected lo <= hi, got {tuple(steps)}")
             object.__setattr__(self, "alignprop_steps", (low, high))
-        require_number(
-            "ddpo_step_fraction", self.ddpo_step_fraction, low=0.0, high=1.0, low_open=True
-        )
-        require_number("window_temperature", self.window_temperature, low=0.0, low_open=True)
-        require_number("window_momentum", self.window_momentum, low=0.0, high=1.0, high_open=True)
+        set_number(self, "ddpo_step_fraction", low=0.0, high=1.0, low_open=True)
+        set_number(self, "window_temperature", low=0.0, low_open=True)
+        set_number(self, "window_momentum", low=0.0, high=1.0, high_open=True)
         require_bool("term_norms", self.term_norms)
         require_choice("backend", self.backend, OPS_BACKENDS)
         if self.window_start == "grad_norm" and not self.term_norms:

@@ -60,6 +60,7 @@ from .._checks import (
     require_number,
     require_real,
     require_tensor,
+    set_number,
 )
 from ..ops.transition import transition_log_prob
 from .config import RLRConfig
@@ -171,34 +172,34 @@ class TrainerConfig:
         require_int("max_steps", self.max_steps, low=0)
         if self.max_model_evaluations is not None:
             require_int("max_model_evaluations", self.max_model_evaluations, low=1)
-        require_number("learning_rate", self.learning_rate, low=0.0)
+        set_number(self, "learning_rate", low=0.0)
         betas = self.adam_betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"adam_betas: expected a pair, got {betas!r}")
         for i, beta in enumerate(betas):
             require_number(f"adam_betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
         object.__setattr__(self, "adam_betas", (float(betas[0]), float(betas[1])))
-        require_number("adam_eps", self.adam_eps, low=0.0, low_open=True)
-        require_number("weight_decay", self.weight_decay, low=0.0)
+        set_number(self, "adam_eps", low=0.0, low_open=True)
+        set_number(self, "weight_decay", low=0.0)
         require_int("batch_size", self.batch_size, low=1)
         require_int("gradient_accumulation_steps", self.gradient_accumulation_steps, low=1)
         if self.max_grad_norm is not None:
-            require_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+            set_number(self, "max_grad_norm", low=0.0, low_open=True)
         require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         require_int("seed", self.seed, low=0)
         require_int("num_inference_steps", self.num_inference_steps, low=1)
         require_choice("finetune", self.finetune, FINETUNE_MODES)
         require_int("lora_rank", self.lora_rank, low=1)
         if self.lora_alpha is not None:
-            require_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+            set_number(self, "lora_alpha", low=0.0, low_open=True)
         targets = self.lora_target_modules
         if isinstance(targets, str) or not all(isinstance(t, str) for t in targets) or not targets:
             raise TypeError("lora_target_modules: expected a non-empty sequence of module names")
         object.__setattr__(self, "lora_target_modules", tuple(targets))
         require_int("ddpo_epochs", self.ddpo_epochs, low=1)
         require_int("ddpo_minibatches", self.ddpo_minibatches, low=1)
-        require_number("ddpo_clip_range", self.ddpo_clip_range, low=0.0, low_open=True)
-        require_number("ddpo_adv_clip", self.ddpo_adv_clip, low=0.0, low_open=True)
+        set_number(self, "ddpo_clip_range", low=0.0, low_open=True)
+        set_number(self, "ddpo_adv_clip", low=0.0, low_open=True)
         require_int("ddpo_buffer_size", self.ddpo_buffer_size, low=1)
         require_int("ddpo_min_count", self.ddpo_min_count, low=1)
         require_int("eval_samples", self.eval_samples, low=0)
