@@ -251,3 +251,14 @@ def test_trl_config_stores_its_numbers_as_floats(tmp_path) -> None:
     )
     assert type(config.tracker_gamma) is float and config.tracker_gamma == 0.5
     assert type(config.dual_clip) is float and config.dual_clip == 3.0
+
+
+def test_philox_normal_names_a_device_it_cannot_fill() -> None:
+    from riskfast.ops import philox_normal
+
+    with pytest.raises(ValueError, match="^device: 'meta'"):
+        philox_normal(8, 1, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^device: cuda"):
+            philox_normal(8, 1, device="cuda")
+    assert torch.equal(philox_normal(8, 1, device="cpu"), philox_normal(8, 1))

@@ -155,6 +155,10 @@ def philox_normal(
         raise TypeError(f"device: expected a torch.device or a device string ({err})") from None
     if _resolve_backend(backend, device) == "compiled":
         return _compiled_noise_ops(device).philox_normal(numel, seed, offset, device, dtype)
+    if device.type == "meta":
+        raise ValueError("device: 'meta' holds no values; a noise stream needs a real device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but CUDA is not available here")
     return philox_normal_reference(numel, seed, offset, device=device, dtype=dtype)
 
 
