@@ -86,7 +86,7 @@ import numpy as np
 import torch
 
 from .._checks import UINT64_MAX, require_int, require_number
-from ..riskpo import AdvantageOptions, QuantileTracker, compute_advantages
+from ..riskpo import AdvantageOptions, QuantileTracker
 from ..riskpo.loss import RATIO_LEVELS, policy_loss
 from ..riskpo.module import (
     DEFAULT_GAMMA,
@@ -95,6 +95,7 @@ from ..riskpo.module import (
     run_state,
     state_options,
 )
+from ..riskpo.objective import pending_advantages
 
 ADVANTAGE_ESTIMATOR_NAME = "riskpo"
 """``algorithm.adv_estimator`` value registered by this module."""
@@ -177,17 +178,20 @@ class _RunState:
         self.tracker: QuantileTracker | None = None
 
     def for_options(self, options: AdvantageOptions, seed: int, gamma: float) -> _RunState:
+        """This state, or a fresh one for other options; a fresh one is not installed
+        here (the caller installs it once its step has succeeded)."""
         wanted = state_options(options, gamma)
         if self.restored and self.options is not None:
             check_state_options(self.options, wanted, "run's config")
             return self
-        if (wanted, seed) != (self.options, self.seed):
-            self.options, self.seed = wanted, seed
-            self.generator = torch.Generator().manual_seed(seed)
-            self.tracker = None
-            if wanted["quantile"] == "tracker":
-                self.tracker = QuantileTracker(options.alpha, options.beta, gamma)
-        return self
+        if (wanted, seed) == (self.options, self.seed):
+            return self
+        fresh = _RunState()
+        fresh.options, fresh.seed = wanted, seed
+        fresh.generator = torch.Generator().manual_seed(seed)
+        if wanted["quantile"] == "tracker":
+            fresh.tracker = QuantileTracker(options.alpha, options.beta, gamma)
+        return fresh
 
 
 _STATE = _RunState()
@@ -338,6 +342,7 @@ def compute_riskpo_outcome_advantage(
     Returns:
         ``(advantages, returns)``, both ``[bs, T]`` and equal, zero outside the mask.
     """
+    global _STATE
     options, seed, gamma = options_from_config(config)
     if token_level_rewards.dim() != 2:
         raise ValueError(
@@ -355,7 +360,9 @@ def compute_riskpo_outcome_advantage(
     state = _STATE.for_options(options, seed, gamma)
     scores = token_level_rewards.detach().float().sum(dim=-1).cpu()
     with torch.no_grad():
-        result = compute_advantages(
+        # The generator and tracker move (and a fresh state is installed) only once the
+        # whole call has succeeded: a refused call leaves the run state as it was.
+        result, commit = pending_advantages(
             scores,
             uids_to_question_ids(index),
             options,
@@ -364,6 +371,8 @@ def compute_riskpo_outcome_advantage(
         )
         per_response = result.advantages.to(device=token_level_rewards.device)
         advantages = per_response[:, None] * response_mask.to(per_response.dtype)
+    commit()
+    _STATE = state
     return advantages, advantages
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import UINT64_MAX, as_tensor, require_int, require_number
+from .._checks import UINT64_MAX, as_tensor, require_choice, require_int, require_number
 from .loss import PolicyLossOptions, check_token_inputs, on_tokens, token_policy_loss
 from .objective import AdvantageOptions, AdvantageResult, pending_advantages
 from .quantiles import QuantileTracker, checked_tracker_state
@@ -264,12 +264,14 @@ def checked_run_state(
     Args:
         state: the saved state.
         generator: the generator that will take the saved generator state.
-        expected: the options the loader runs with (None: not compared here); a
-            difference raises ``ValueError`` naming the option.
+        expected: the options the loader runs with; a difference raises ``ValueError``
+            naming the option. None: the saved options are only checked to be what
+            :func:`state_options` makes (``ValueError`` naming ``state`` otherwise).
         what: what is loading ("module", "trainer", ...), for the messages.
 
     Returns:
-        ``(options, seed, generator_state)`` as saved. The tracker state, if any, has been
+        ``(options, seed, generator_state)`` as saved (the options as plain Python values
+        when ``expected`` is None). The tracker state, if any, has been
         checked against the saved levels and step size.
     """
     if not isinstance(state, dict):
@@ -281,7 +283,9 @@ def checked_run_state(
             f"options and cannot be checked against this {what}"
         )
     saved = state["options"]
-    if expected is not None:
+    if expected is None:
+        expected = saved = _rebuilt_state_options(saved)
+    else:
         check_state_options(saved, expected, what)
     seed = require_int("state['seed']", state.get("seed"), low=0, high=UINT64_MAX)
     generator_state = checked_generator_state(state.get("generator"), generator)
@@ -291,6 +295,31 @@ def checked_run_state(
     elif state.get("tracker") is not None:
         raise ValueError("state: holds a tracker state, but its options say quantile='empirical'")
     return saved, seed, generator_state
+
+
+_STATE_OPTION_KEYS = ("quantile", "bundle_size", "shuffle")
+_TRACKER_OPTION_KEYS = ("alpha", "beta", "gamma", "score", "drop_last")
+
+
+def _rebuilt_state_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved options of a :func:`run_state`, checked to be what :func:`state_options`
+    makes (every key present, every value valid); ``ValueError`` naming ``state``."""
+    tracked = saved.get("quantile") == "tracker"
+    keys = set(_STATE_OPTION_KEYS) | (set(_TRACKER_OPTION_KEYS) if tracked else set())
+    missing, unknown = sorted(keys - set(saved)), sorted(set(saved) - keys)
+    if missing or unknown:
+        raise ValueError(
+            f"state: its options are not a RiskPO state's (missing keys {missing}, unknown "
+            f"keys {unknown})"
+        )
+    try:
+        require_choice("quantile", saved["quantile"], ("empirical", "tracker"))
+        fields = {k: saved[k] for k in keys if k != "gamma"}
+        gamma = require_number("gamma", saved["gamma"], low=0.0, low_open=True) if tracked else None
+        rebuilt = state_options(AdvantageOptions(**fields), gamma)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"state: its options are not valid ({err})") from None
+    return rebuilt
 
 
 def check_state_options(saved: Any, expected: dict[str, Any], what: str) -> None:
@@ -304,7 +333,11 @@ def check_state_options(saved: Any, expected: dict[str, Any], what: str) -> None
     for name in [*expected, *sorted(set(saved) - set(expected))]:
         mine = expected.get(name, "<not set>")
         theirs = saved.get(name, "<not set>")
-        if theirs != mine:
+        try:
+            differs = bool(theirs != mine)
+        except (RuntimeError, TypeError, ValueError):  # e.g. a saved tensor of 2 values
+            differs = True
+        if differs:
             raise ValueError(
                 f"{name}: the checkpoint was saved with {name} = {theirs!r}, this {what} has "
                 f"{mine!r}"
@@ -322,4 +355,9 @@ def checked_generator_state(value: Any, generator: torch.Generator) -> torch.Ten
             f"state: generator state has shape {tuple(value.shape)}, a {generator.device} "
             f"generator's has {tuple(reference.shape)}"
         )
-    return value.detach().cpu().clone()
+    value = value.detach().cpu().clone()
+    try:  # torch checks the content too (an all-zero mt19937 state is refused)
+        torch.Generator(device=generator.device).set_state(value)
+    except RuntimeError as err:
+        raise ValueError(f"state: generator is not a valid generator state ({err})") from None
+    return value
