@@ -246,6 +246,25 @@ def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
     assert torch.equal(params(full), params(resumed))
 
 
+def test_resume_from_a_checkpoint_with_a_refused_riskpo_state_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """``train(resume_from_checkpoint=...)`` checks the RiskPO state before the weights,
+    optimizer and scheduler load: a checkpoint saved with another ``bundle_size`` is
+    refused naming it, with the model, generator and tracker as they were."""
+    common = {"steps": 2, "quantile_mode": "tracker", "save_strategy": "steps", "save_steps": 2}
+    saver = make_trainer(tmp_path / "saver", **common)
+    saver.train()
+    checkpoint = tmp_path / "saver" / "checkpoint-2"
+    other = make_trainer(tmp_path / "other", **{**common, "bundle_size": 4})
+    weights, before = params(other).clone(), _generator_and_tracker(other)
+    assert not torch.equal(weights, params(saver))  # the checkpoint would change them
+    with pytest.raises(ValueError, match="^bundle_size: the checkpoint was saved with bundle_size = 2"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(params(other), weights)
+    assert _same(before, _generator_and_tracker(other))
+
+
 def test_no_trl_import_from_riskfast() -> None:
     import subprocess
     import sys

@@ -826,13 +826,30 @@ class RiskPOTrainer(GRPOTrainer):
             output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
             torch.save(self.riskpo_state_dict(), os.path.join(output_dir, RISKPO_STATE_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
+    def _checked_riskpo_checkpoint(self, checkpoint: str) -> dict[str, Any] | None:
+        """The checkpoint's RiskPO state checked against this trainer (``ValueError``
+        naming the option or ``state``), or None where the checkpoint has none."""
         path = os.path.join(checkpoint, RISKPO_STATE_NAME)
-        if os.path.exists(path):
-            self.load_riskpo_state_dict(torch.load(path, weights_only=True))
+        if not os.path.exists(path):
+            return None
+        state = torch.load(path, weights_only=True)
+        with _config_field_names():
+            checked_run_state(
+                state, self.riskpo_generator, expected=self._riskpo_state_options(), what="trainer"
+            )
+        return state
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # The RiskPO state is checked before the weights load, so that a checkpoint whose
+        # RiskPO state will be refused leaves the model as it was.
+        self._checked_riskpo_checkpoint(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        state = None if checkpoint is None else self._checked_riskpo_checkpoint(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if state is not None:
+            self.load_riskpo_state_dict(state)
 
 
 __all__ = [
