@@ -100,6 +100,11 @@ def _worker(out_dir: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # and skip the interpreter's teardown: the abort recurred once with the group left
+    # (2026-11-30, rank 1, after its results were saved). Everything is on disk by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(out_dir: Path) -> subprocess.CompletedProcess[str]:
