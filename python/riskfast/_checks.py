@@ -186,3 +186,22 @@ def require_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
+
+
+def checked_generator_state(value: Any, generator: torch.Generator) -> torch.Tensor:
+    """A saved ``torch.Generator`` state that ``generator`` can take (else ``ValueError``)."""
+    reference = generator.get_state()
+    if not isinstance(value, torch.Tensor) or value.dtype != reference.dtype:
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"state: generator must be a uint8 tensor (a generator state), got {got}")
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"state: generator state has shape {tuple(value.shape)}, a {generator.device} "
+            f"generator's has {tuple(reference.shape)}"
+        )
+    value = value.detach().cpu().clone()
+    try:  # torch checks the content too (an all-zero mt19937 state is refused)
+        torch.Generator(device=generator.device).set_state(value)
+    except RuntimeError as err:
+        raise ValueError(f"state: generator is not a valid generator state ({err})") from None
+    return value

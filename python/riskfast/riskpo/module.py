@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import UINT64_MAX, as_tensor, require_choice, require_int, require_number
+from .._checks import (
+    UINT64_MAX,
+    as_tensor,
+    checked_generator_state,
+    require_choice,
+    require_int,
+    require_number,
+)
 from .loss import PolicyLossOptions, check_token_inputs, on_tokens, token_policy_loss
 from .objective import AdvantageOptions, AdvantageResult, pending_advantages
 from .quantiles import QuantileTracker, checked_tracker_state
@@ -342,22 +349,3 @@ def check_state_options(saved: Any, expected: dict[str, Any], what: str) -> None
                 f"{name}: the checkpoint was saved with {name} = {theirs!r}, this {what} has "
                 f"{mine!r}"
             )
-
-
-def checked_generator_state(value: Any, generator: torch.Generator) -> torch.Tensor:
-    """A saved ``torch.Generator`` state that ``generator`` can take (else ``ValueError``)."""
-    reference = generator.get_state()
-    if not isinstance(value, torch.Tensor) or value.dtype != reference.dtype:
-        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"state: generator must be a uint8 tensor (a generator state), got {got}")
-    if value.shape != reference.shape:
-        raise ValueError(
-            f"state: generator state has shape {tuple(value.shape)}, a {generator.device} "
-            f"generator's has {tuple(reference.shape)}"
-        )
-    value = value.detach().cpu().clone()
-    try:  # torch checks the content too (an all-zero mt19937 state is refused)
-        torch.Generator(device=generator.device).set_state(value)
-    except RuntimeError as err:
-        raise ValueError(f"state: generator is not a valid generator state ({err})") from None
-    return value

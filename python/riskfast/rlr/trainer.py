@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from .._checks import (
+    checked_generator_state,
     require_bool,
     require_choice,
     require_finite,
@@ -1240,13 +1241,14 @@ class RLRTrainer:
             len(g.get("params", ())) for g in saved_groups
         ] != [len(g["params"]) for g in self.optimizer.param_groups]:
             raise ValueError("directory: its optimizer state does not match this optimizer")
-        for name, device in (("generator", self.generator.device), ("torch_rng", "cpu")):
+        for name, generator in (
+            ("generator", self.generator),
+            ("torch_rng", torch.default_generator),
+        ):
             try:
-                torch.Generator(device=device).set_state(state[name])
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"directory: its {name} state is not a {device} generator's ({err})"
-                ) from None
+                checked_generator_state(state[name], generator)
+            except ValueError as err:
+                raise ValueError(f"directory: its {name} is refused ({err})") from None
         for name in ("step", "model_evaluations"):
             if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
                 raise ValueError(f"directory: its {name} {state[name]!r} is not an int >= 0")
