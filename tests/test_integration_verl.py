@@ -371,13 +371,44 @@ def test_saved_state_carries_its_options_and_a_resumed_config_must_match() -> No
     # a rejected step (non-finite rewards) leaves the restored state alone too
     bad = _estimator_call({"riskpo": tracked}, seed=2)
     bad["token_level_rewards"] = bad["token_level_rewards"] * float("nan")
-    with pytest.raises(ValueError, match="^rewards:"):
+    with pytest.raises(ValueError, match=r"^token_level_rewards \(row sums\):"):
         fn(**bad)
     assert torch.equal(module.state_dict()["generator"], restored["generator"])
     assert module.state_dict()["tracker"]["num_updates"] == restored["tracker"]["num_updates"]
     # the matching config (another seed is fine: the restored generator wins) continues
     again, _ = fn(**_estimator_call({"riskpo": {**tracked, "seed": 99}}, seed=2))
     assert torch.equal(again, expected)
+
+
+def test_the_estimator_names_its_own_bad_inputs_and_changes_nothing() -> None:
+    _verl()
+    module = importlib.import_module("riskfast.integrations.verl")
+    fn = module.compute_riskpo_outcome_advantage
+    config = {"riskpo": {"bundle_size": 3, "seed": 7, "quantile": "tracker"}}
+    fn(**_estimator_call(config))
+    before = module.state_dict()
+    good = _estimator_call(config, seed=2)
+    rewards, mask, uids = good["token_level_rewards"], good["response_mask"], good["index"]
+    cases = [
+        ({"token_level_rewards": rewards.tolist()}, TypeError, r"^token_level_rewards:"),
+        ({"token_level_rewards": rewards.to(torch.complex64)}, TypeError, r"^token_level_rewards:"),
+        ({"token_level_rewards": rewards[0]}, ValueError, r"^token_level_rewards:"),
+        ({"response_mask": mask.tolist()}, TypeError, r"^response_mask:"),
+        ({"index": 3}, TypeError, r"^index:"),
+        ({"index": [[u] for u in uids.tolist()]}, TypeError, r"^index: every uid must be hashable"),
+        ({"index": uids[:-1]}, ValueError, r"^index:"),
+    ]
+    for change, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn(**{**good, **change})
+        after = module.state_dict()
+        assert torch.equal(after["generator"], before["generator"]), match
+        assert torch.equal(after["tracker"]["values"], before["tracker"]["values"]), match
+    inf = rewards.clone()
+    inf[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^token_level_rewards \(row sums\):"):
+        fn(**{**good, "token_level_rewards": inf})
+    assert torch.equal(module.state_dict()["generator"], before["generator"])
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import UINT64_MAX, require_int, require_number
+from .._checks import (
+    UINT64_MAX,
+    require_finite,
+    require_int,
+    require_number,
+    require_real,
+    require_tensor,
+)
 from ..riskpo import AdvantageOptions, QuantileTracker
 from ..riskpo.loss import RATIO_LEVELS, policy_loss
 from ..riskpo.module import (
@@ -318,7 +325,10 @@ def uids_to_question_ids(index: Any) -> torch.Tensor:
     """Integer ids ``0..Q-1`` in order of first appearance for any array of uids."""
     values = index.tolist() if isinstance(index, np.ndarray | torch.Tensor) else list(index)
     ids: dict[Any, int] = {}
-    return torch.tensor([ids.setdefault(v, len(ids)) for v in values], dtype=torch.long)
+    try:
+        return torch.tensor([ids.setdefault(v, len(ids)) for v in values], dtype=torch.long)
+    except TypeError as err:  # an unhashable uid
+        raise TypeError(f"index: every uid must be hashable ({err})") from None
 
 
 def compute_riskpo_outcome_advantage(
@@ -344,6 +354,11 @@ def compute_riskpo_outcome_advantage(
     """
     global _STATE
     options, seed, gamma = options_from_config(config)
+    require_tensor("token_level_rewards", token_level_rewards)
+    require_real("token_level_rewards", token_level_rewards)
+    require_tensor("response_mask", response_mask)
+    if isinstance(index, (str, bytes)) or not hasattr(index, "__len__"):
+        raise TypeError(f"index: expected an array of uids, got {type(index).__name__}")
     if token_level_rewards.dim() != 2:
         raise ValueError(
             f"token_level_rewards: expected [bs, T], got shape {tuple(token_level_rewards.shape)}"
@@ -357,14 +372,17 @@ def compute_riskpo_outcome_advantage(
         raise ValueError(
             f"index: has {len(index)} uids for {token_level_rewards.shape[0]} responses"
         )
+    question_ids = uids_to_question_ids(index)
     state = _STATE.for_options(options, seed, gamma)
     scores = token_level_rewards.detach().float().sum(dim=-1).cpu()
+    # a response's reward is its row sum: a non-finite one is named here, as verl's input
+    require_finite("token_level_rewards (row sums)", scores)
     with torch.no_grad():
         # The generator and tracker move (and a fresh state is installed) only once the
         # whole call has succeeded: a refused call leaves the run state as it was.
         result, commit = pending_advantages(
             scores,
-            uids_to_question_ids(index),
+            question_ids,
             options,
             tracker=state.tracker,
             generator=state.generator,
