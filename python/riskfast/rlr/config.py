@@ -16,6 +16,22 @@ ZO_RESTORES = ("copy", "reverse")
 OPS_BACKENDS = ("auto", "compiled", "reference")
 
 
+def checked_window_start(start: Any) -> str | tuple[int, int]:
+    """``window_start`` checked: one of :data:`WINDOW_STARTS`, or a pair ``(a, b)`` of ints
+    with ``1 <= a <= b``, returned as a tuple (``TypeError``/``ValueError`` naming it)."""
+    if isinstance(start, str):
+        return require_choice("window_start", start, WINDOW_STARTS)
+    if isinstance(start, (tuple, list)) and len(start) == 2:
+        low = require_int("window_start[0]", start[0], low=1)
+        high = require_int("window_start[1]", start[1], low=1)
+        if high < low:
+            raise ValueError(f"window_start: expected a <= b in (a, b), got {tuple(start)}")
+        return (low, high)
+    raise TypeError(
+        f"window_start: expected 'uniform', 'grad_norm' or a pair (a, b), got {start!r}"
+    )
+
+
 @dataclass(frozen=True)
 class RLRConfig:
     """How one call of :func:`riskfast.rlr.estimate_grad` estimates the gradient.
@@ -90,19 +106,7 @@ class RLRConfig:
         require_choice("rest", self.rest, RESTS)
         require_int("fo_steps", self.fo_steps, low=0)
         require_int("window", self.window, low=1)
-        start = self.window_start
-        if isinstance(start, str):
-            require_choice("window_start", start, WINDOW_STARTS)
-        elif isinstance(start, (tuple, list)) and len(start) == 2:
-            low = require_int("window_start[0]", start[0], low=1)
-            high = require_int("window_start[1]", start[1], low=1)
-            if high < low:
-                raise ValueError(f"window_start: expected a <= b in (a, b), got {tuple(start)}")
-            object.__setattr__(self, "window_start", (low, high))
-        else:
-            raise TypeError(
-                f"window_start: expected 'uniform', 'grad_norm' or a pair (a, b), got {start!r}"
-            )
+        object.__setattr__(self, "window_start", checked_window_start(self.window_start))
         set_number(self, "sigma_p", low=0.0, low_open=True)
         set_number(self, "eta", low=0.0, high=1.0)
         if self.exit_eta is not None:

@@ -53,7 +53,6 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .._checks import (
-    require_choice,
     require_floating,
     require_int,
     require_number,
@@ -63,7 +62,7 @@ from ..ops.noise import _resolve_backend as resolve_noise_backend
 from ..ops.noise import accumulate_noise_, perturb_
 from ..ops.transition import TransitionCoefficients, transition_log_prob, transition_mean
 from ..ops.transition import _resolve_backend as resolve_transition_backend
-from .config import WINDOW_STARTS, RLRConfig
+from .config import RLRConfig, checked_window_start
 from .sampler import (
     Conditioning,
     GuidedDenoiser,
@@ -173,21 +172,15 @@ def window_starts(num_steps: int, fo_steps: int, window: int, window_start: Any)
             f"window: fo_steps ({fo_steps}) + window ({window}) exceeds the chain's "
             f"{num_steps} steps"
         )
-    if isinstance(window_start, str):
-        require_choice("window_start", window_start, WINDOW_STARTS)
-    elif isinstance(window_start, (tuple, list)) and len(window_start) == 2:
-        a = require_int("window_start[0]", window_start[0], low=1)
-        b = require_int("window_start[1]", window_start[1], low=a)
+    window_start = checked_window_start(window_start)
+    if isinstance(window_start, tuple):
+        a, b = window_start
         if a < low or b > high:
             raise ValueError(
                 f"window_start: ({a}, {b}) must lie within [{low}, {high}] "
                 f"(fo_steps={fo_steps}, window={window}, {num_steps} steps)"
             )
         low, high = a, b
-    else:
-        raise TypeError(
-            f"window_start: expected 'uniform', 'grad_norm' or a pair (a, b), got {window_start!r}"
-        )
     return range(low, high + 1)
 
 
